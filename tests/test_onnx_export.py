@@ -112,3 +112,12 @@ def test_output_must_keep_the_batch_axis(tmp_path):
         export_onnx(FoldsBatch(), torch.randn(2, 3, 4, 4), tmp_path / "fold.onnx")
     assert not list(tmp_path.iterdir())  # the refused model is not left behind
     export_onnx(FoldsBatch(), torch.randn(2, 3, 4, 4), tmp_path / "fold.onnx", dynamic_batch=False)
+
+
+def test_decomposed_layer_norm_is_refused(tmp_path, monkeypatch):
+    import vitopt.lower.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "_count_layer_norm_calls", lambda module, example: 3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LayerNorm(48))
+    with pytest.raises(LoweringError, match="2 of 3 LayerNorms were decomposed"):
+        export_onnx(model, torch.randn(2, 3, 4, 4), tmp_path / "ln.onnx")

@@ -19,9 +19,10 @@ from vitopt.frontend.lift_blocks import Branch, lift_attention, lift_mlp
 from vitopt.ir.encoder import EncoderIR, EncoderMeta
 from vitopt.ir.stages import Head, Norm, Pool, Stem, TracedTail, layer_norm_from, linear_from
 from vitopt.ir.state import TokenState
+from vitopt.tolerances import tolerance
 
-#: A lifted stage may differ from the graph by this much, relative to the value's scale.
-STAGE_TOLERANCE = 1e-4
+#: A lifted stage may differ from the graph by the fp32/torch bound, relative to the value's scale.
+STAGE_TOLERANCE = tolerance("fp32", "torch").atol
 
 
 class Lifter:

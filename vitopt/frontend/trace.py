@@ -1,7 +1,7 @@
 """trace(): torch.export a model with a dynamic batch, lift it into the encoder IR, verify it.
 
 After lifting, the IR must reproduce the source model in fp32 (max abs diff within the
-tolerance table's `lift` entry) or trace() refuses, naming the first stage that differs.
+tolerance table's ("fp32", "torch") bound) or trace() refuses, naming the first stage that differs.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from vitopt.frontend.graph import GraphView
 from vitopt.frontend.lift import Lifter, verify_stages
 from vitopt.ir.encoder import EncoderIR, EncoderMeta
 from vitopt.ir.stages import Pool
+from vitopt.tolerances import tolerance
 
 #: Output fields of Hugging Face model outputs, in the order vitopt prefers them.
 OUTPUT_KEYS = ("logits", "image_embeds", "pooler_output", "last_hidden_state")
 OUTPUT_KINDS = {"logits": "logits", "image_embeds": "features", "pooler_output": "features",
                 "last_hidden_state": "tokens"}
-LIFT_ATOL = 1e-4
 MAX_BATCH = 4096
 
 
@@ -63,6 +63,12 @@ def choose_output(model: nn.Module, example: torch.Tensor, output: Optional[str]
                                 f"name one with output=...")
 
 
+def single_output(model: nn.Module, example: torch.Tensor, output: Optional[str] = None):
+    """(model returning one tensor, output kind, chosen field or None)."""
+    key, kind = choose_output(model, example, output)
+    return (OutputSelector(model, key) if key is not None else model), kind, key
+
+
 def export(model: nn.Module, example: torch.Tensor, max_batch: int = MAX_BATCH) -> ExportedProgram:
     """torch.export with the batch dimension dynamic (everything else static)."""
     batch = Dim("batch", min=1, max=max_batch)
@@ -98,9 +104,7 @@ def trace(model, example: Optional[torch.Tensor] = None, *, meta: Optional[Encod
         if example is None:
             size = meta.image_size
             example = torch.randn(2, meta.in_chans, size[0], size[1])
-        model = model.eval()
-        key, kind = choose_output(model, example, output)
-        reference = OutputSelector(model, key) if key is not None else model
+        reference, kind, key = single_output(model.eval(), example, output)
         meta.output = kind
         if key is not None:
             meta.notes.append(f"compiled output: {key}")
@@ -125,8 +129,9 @@ def _settle_output_kind(ir: EncoderIR) -> None:
 
 
 def check_matches(ir: EncoderIR, reference: nn.Module, example: torch.Tensor,
-                  atol: float = LIFT_ATOL) -> float:
+                  atol: Optional[float] = None) -> float:
     """Max abs diff between the IR and the source model on `example` (and on a batch of 1)."""
+    atol = tolerance("fp32", "torch").atol if atol is None else atol
     worst = 0.0
     for images in (example, example[:1]):
         with torch.no_grad():

@@ -1,0 +1,336 @@
+"""compile_model(): load -> trace/lift -> passes -> lower -> build -> check -> measure -> artifact.
+
+One straight line of named steps; each step is one call into the module that owns it.
+`CompileOptions` is the single config object: the CLI derives its flags from its fields,
+so defaults live in one place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitopt import __version__
+from vitopt.errors import ConfigError
+from vitopt.frontend.trace import single_output, trace
+from vitopt.ir.encoder import EncoderIR, EncoderMeta
+from vitopt.pipeline import PipelineResult, resolve_pipeline, Pipeline
+from vitopt.targets import choose_backend, choose_precision, get_target, require_device
+from vitopt.timing import Timing, measure
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class CompileOptions:
+    """Everything `vitopt compile` can be told (CLI flags are derived from these fields)."""
+
+    target: str = _opt("cpu", "hardware to build for: cpu, cuda")
+    backend: Optional[str] = _opt(None, "engine to use (default: the target's best available)")
+    precision: str = _opt("auto", "fp32, bf16, or auto (the fastest this hardware runs well)")
+    preset: str = _opt("none", "named pass pipeline: none, lossless")
+    passes: Tuple[str, ...] = _opt((), "add or override a pass: name[:key=value...] (repeatable)",
+                                   cli_name="pass", repeat=True)
+    max_batch: int = _opt(8, "largest batch the engine takes in one run")
+    bench_batch: Tuple[int, ...] = _opt((1, 8), "batch sizes for the latency report (comma list)")
+    eval: Optional[str] = _opt(None, "evaluation data for accuracy: builtin:digits or an image folder")
+    eval_limit: Optional[int] = _opt(None, "use at most this many evaluation images")
+    arch: Optional[str] = _opt(None, "architecture of a weights-only file: timm:NAME or hf:DIR")
+    weights: Optional[str] = _opt(None, "state-dict file for a named architecture (timm:NAME)")
+    trust_pickle: bool = _opt(False, "allow loading a pickled module (runs code from the file)")
+    output: Optional[str] = _opt(None, "which model output to compile (Hugging Face: logits, "
+                                       "pooler_output, last_hidden_state, ...)", cli_name="model-output")
+    image_size: Optional[int] = _opt(None, "input image size (default: what the model says, else 224)")
+    threads: Optional[int] = _opt(None, "CPU threads for the engine (default: the engine's choice)")
+    runs: int = _opt(10, "timed runs per latency measurement (after warm-up)")
+    measure: bool = _opt(True, "measure latency for the report", cli_name="measure")
+    dump_ir: Optional[str] = _opt(None, "write the IR after every pass into this folder")
+
+    def __post_init__(self):
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch must be at least 1, got {self.max_batch}")
+        if self.runs < 1:
+            raise ConfigError(f"runs must be at least 1, got {self.runs}")
+        if any(b < 1 for b in self.bench_batch):
+            raise ConfigError(f"bench batch sizes must be positive, got {list(self.bench_batch)}")
+        get_target(self.target)
+        self.passes = tuple(self.passes)
+        self.bench_batch = tuple(self.bench_batch)
+
+
+@dataclass
+class LatencyRow:
+    batch: int
+    eager: Optional[Timing]
+    engine: Timing
+
+    @property
+    def speedup(self) -> Optional[float]:
+        return self.eager.median_ms / self.engine.median_ms if self.eager else None
+
+
+@dataclass
+class CompileReport:
+    artifact: Path
+    manifest: dict
+    pipeline: PipelineResult
+    accuracy_before: Optional[float] = None
+    accuracy_after: Optional[float] = None
+    latency: List[LatencyRow] = field(default_factory=list)
+    engine_max_abs_diff: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class Source:
+    """The model being compiled: the eager module (reference) and what we know about it."""
+
+    module: Optional[nn.Module]
+    exported: object
+    name: str
+    meta: EncoderMeta
+    path: Optional[str] = None
+    sha256: Optional[str] = None
+    spec: Optional[str] = None  # how to load it again (model spec or file), when known
+
+
+Log = Callable[[str], None]
+
+
+def compile_model(model, output: Union[str, Path], options: Optional[CompileOptions] = None,
+                  *, log: Optional[Log] = None, **overrides) -> CompileReport:
+    """Compile `model` (a spec like `timm:NAME`, a file path, an nn.Module or an EncoderIR)
+    for `options.target` and write the artifact directory `output`."""
+    if options is None:
+        options = CompileOptions(**overrides)
+    elif overrides:
+        options = dataclasses.replace(options, **overrides)
+    log = log or (lambda message: None)
+    started = time.perf_counter()
+
+    specs = resolve_pipeline(options.preset, options.passes)   # validate config before work
+    target = get_target(options.target)
+    require_device(target)
+    backend_name = choose_backend(target, options.backend)
+    precision = choose_precision(backend_name, options.precision)
+    log(f"target {target.name}: backend {backend_name}, precision {precision}")
+
+    source = load_source(model, options, log)
+    ir = lift_source(source, options, log)
+    result = Pipeline(specs).run(ir, dump_dir=options.dump_ir, log=log)
+    ir = result.ir
+
+    from vitopt.artifact import input_spec, output_spec, write_artifact
+    from vitopt.backends import get_backend
+    from vitopt.lower.onnx_export import export_onnx
+    from vitopt.tolerances import require_close
+
+    backend = get_backend(backend_name)
+    example = probe_images(ir, min(3, options.max_batch))
+    with tempfile.TemporaryDirectory(prefix="vitopt-build-") as tmp:
+        build_dir = Path(tmp) / "engine"
+        build_dir.mkdir()
+        step = time.perf_counter()
+        onnx_path = export_onnx(ir, example, Path(tmp) / "model.onnx")
+        log(f"lowered to ONNX in {time.perf_counter() - step:.1f}s")
+        step = time.perf_counter()
+        files = backend.build(onnx_path, build_dir, precision=precision, max_batch=options.max_batch,
+                              threads=options.threads)
+        engine = backend.load(build_dir, files, precision=precision, threads=options.threads)
+        log(f"built the {backend_name} engine in {time.perf_counter() - step:.1f}s")
+
+        with torch.no_grad():
+            expected = ir(example).numpy()
+        check = require_close(engine.run(example.numpy()), expected, precision, backend_name,
+                              what=f"the {backend_name} {precision} engine")
+        log(f"engine matches the IR: max abs diff {check.max_abs:.2e}, cosine {check.cos_sim:.6f}")
+
+        report = CompileReport(Path(output), {}, result, engine_max_abs_diff=check.max_abs)
+        if options.eval:
+            report.accuracy_before, report.accuracy_after = measure_accuracy(source, ir, engine, options, log)
+        if options.measure:
+            report.latency = measure_latency(source, ir, engine, options, log)
+
+        manifest = {
+            "source": {"name": source.name, "spec": source.spec, "sha256": source.sha256,
+                       "family": source.meta.family},
+            "passes": [{"name": r.name, "config": r.config, "modified": r.modified, "notes": r.notes}
+                       for r in result.records],
+            "token_schedule": ir.token_counts(),
+            "precision": precision,
+            "target": target.name,
+            "backend": {"name": backend_name, "version": backend.version()},
+            "input": input_spec(ir.meta.image_size, ir.meta.in_chans, ir.meta.mean, ir.meta.std,
+                                options.max_batch),
+            "output": output_spec(ir.meta.output, ir.meta.labels),
+            "stages": stage_rows(ir, precision),
+            "model": {"blocks": ir.num_blocks, "prefix_tokens": ir.num_prefix_tokens,
+                      "gflops_per_image": ir.flops() / 1e9, "notes": ir.meta.notes},
+            "accuracy": {"eval": options.eval, "before": report.accuracy_before,
+                         "after": report.accuracy_after},
+            "latency": [{"batch": row.batch, "eager": row.eager.to_dict() if row.eager else None,
+                         "engine": row.engine.to_dict()} for row in report.latency],
+            "checks": {"engine_vs_ir_max_abs": check.max_abs, "engine_vs_ir_cosine": check.cos_sim},
+            "compile": {"vitopt_version": __version__, "options": _options_dict(options)},
+        }
+        if precision == "bf16":
+            manifest["hardware"] = _hardware_requiring(("avx512_bf16", "amx_bf16"))
+        engine = None  # release the engine's files before the artifact moves them
+        write_artifact(output, manifest, {name: build_dir / name for name in files})
+    report.manifest = manifest
+    report.seconds = time.perf_counter() - started
+    log(f"wrote {output}")
+    return report
+
+
+# --- steps -----------------------------------------------------------------------------
+def load_source(model, options: CompileOptions, log: Log) -> Source:
+    from vitopt.frontend.load import family_of, hints_for_module, load_model
+    if isinstance(model, EncoderIR):
+        return Source(model, None, model.meta.source or "EncoderIR", model.meta)
+    if isinstance(model, nn.Module):
+        name = type(model).__name__
+        meta = meta_from_hints(hints_for_module(model), family_of(model), name, options)
+        return Source(model.eval(), None, name, meta)
+    if not isinstance(model, (str, Path)):
+        raise ConfigError(f"cannot compile a {type(model).__name__}; give a model spec, a file path, "
+                          f"an nn.Module or an EncoderIR")
+    step = time.perf_counter()
+    loaded = load_model(str(model), arch=options.arch, trust_pickle=options.trust_pickle,
+                        weights=options.weights)
+    meta = meta_from_hints(loaded.hints, loaded.family, loaded.name, options)
+    log(f"loaded {loaded.name} ({loaded.family}) in {time.perf_counter() - step:.1f}s")
+    return Source(loaded.module, loaded.exported, loaded.name, meta, loaded.source_path,
+                  loaded.source_sha256, spec=str(model))
+
+
+def meta_from_hints(hints: dict, family: str, name: str, options: CompileOptions) -> EncoderMeta:
+    meta = EncoderMeta(family=family, source=name)
+    if hints.get("image_size"):
+        meta.image_size = tuple(hints["image_size"])
+    if options.image_size:
+        meta.image_size = (options.image_size, options.image_size)
+    if hints.get("in_chans"):
+        meta.in_chans = int(hints["in_chans"])
+    if hints.get("mean") is not None:
+        meta.mean, meta.std = tuple(hints["mean"]), tuple(hints["std"])
+    if hints.get("labels") is not None:
+        meta.labels = list(hints["labels"])
+    return meta
+
+
+def lift_source(source: Source, options: CompileOptions, log: Log) -> EncoderIR:
+    if isinstance(source.module, EncoderIR):
+        return source.module
+    step = time.perf_counter()
+    meta = source.meta
+    example = torch.randn(2, meta.in_chans, *meta.image_size, generator=torch.Generator().manual_seed(0))
+    model = source.exported if source.exported is not None else source.module
+    if isinstance(model, torch.jit.ScriptModule):
+        model = _torchscript_to_exported(model, example)
+    ir = trace(model, None if source.exported is not None else example, meta=meta,
+               output=options.output)
+    if source.exported is not None:
+        source.module = source.exported.module()
+    elif isinstance(model, nn.Module):
+        source.module = single_output(model, example, options.output)[0]
+    else:
+        source.module = ir
+    log(f"traced and lifted: {ir.num_blocks} blocks, {ir.num_prefix_tokens} prefix tokens, "
+        f"{ir.token_counts()[1]} tokens, {ir.flops() / 1e9:.2f} GFLOPs/image; matches the model "
+        f"in fp32 ({time.perf_counter() - step:.1f}s)")
+    return ir
+
+
+def _torchscript_to_exported(module, example):
+    from vitopt.errors import UnsupportedModelError
+    try:
+        from torch._export.converter import TS2EPConverter
+        exported = TS2EPConverter(module, (example,)).convert()
+        return torch.export.export(exported.module(), (example,),
+                                   dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"could not convert this TorchScript model to a dynamic-batch torch.export graph "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); save a state "
+            f"dict and pass --arch, or export with torch.export.save and a dynamic batch") from exc
+
+
+def probe_images(ir: EncoderIR, batch: int) -> torch.Tensor:
+    h, w = ir.meta.image_size
+    return torch.randn(batch, ir.meta.in_chans, h, w, generator=torch.Generator().manual_seed(7))
+
+
+def measure_accuracy(source: Source, ir: EncoderIR, engine, options: CompileOptions, log: Log):
+    from vitopt.data.folder import resolve_dataset
+    from vitopt.data.proxy import evaluate_top1
+    if ir.meta.output != "logits":
+        raise ConfigError(f"--eval needs a classifier (logits output); this model outputs "
+                          f"{ir.meta.output}")
+    images, labels, _ = resolve_dataset(options.eval, "test", ir.meta.image_size[0], ir.meta.mean,
+                                        ir.meta.std, ir.meta.in_chans, limit=options.eval_limit)
+    reference = source.module if source.module is not None else ir
+    before = evaluate_top1(lambda x: _call_eager(reference, x), images, labels,
+                           batch_size=options.max_batch)
+    after = evaluate_top1(lambda x: engine.run(x.numpy()), images, labels,
+                          batch_size=options.max_batch)
+    log(f"top-1 on {len(labels)} held-out images: {before:.2%} eager -> {after:.2%} engine")
+    return before, after
+
+
+def _call_eager(module: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return module(images)
+
+
+def measure_latency(source: Source, ir: EncoderIR, engine, options: CompileOptions,
+                    log: Log) -> List[LatencyRow]:
+    rows = []
+    reference = source.module if source.module is not None else ir
+    threads = torch.get_num_threads()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    try:
+        for batch in options.bench_batch:
+            if batch > options.max_batch:
+                log(f"skipping latency at batch {batch}: above --max-batch {options.max_batch}")
+                continue
+            images = probe_images(ir, batch)
+            array = np.ascontiguousarray(images.numpy())
+            eager = measure(lambda: _call_eager(reference, images), runs=options.runs)
+            compiled = measure(lambda: engine.run(array), runs=options.runs)
+            rows.append(LatencyRow(batch, eager, compiled))
+            log(f"batch {batch}: eager torch {eager.median_ms:.2f} ms, engine "
+                f"{compiled.median_ms:.2f} ms ({eager.median_ms / compiled.median_ms:.2f}x)")
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def stage_rows(ir: EncoderIR, precision: str) -> List[dict]:
+    """The IR's stage table with the engine precision filled in where no pass set one."""
+    rows = ir.table()
+    for row in rows:
+        if row["precision"] == "fp32":
+            row["precision"] = precision
+    return rows
+
+
+def _options_dict(options: CompileOptions) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(options).items()}
+
+
+def _hardware_requiring(flags) -> dict:
+    from vitopt.artifact import hardware_info
+    info = hardware_info()
+    info["requires"] = [f for f in flags if f in info["flags"]][:1]
+    return info

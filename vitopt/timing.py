@@ -1,0 +1,52 @@
+"""Latency measurement: warm-up, repeated timed runs, median and spread.
+
+Used by the compile report, `vitopt bench` and the benchmarks, so every number vitopt
+prints is measured the same way. Never used inside unit tests to assert speed.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, List
+
+
+@dataclass
+class Timing:
+    """Milliseconds per call over `runs` timed calls after `warmup` untimed ones."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    min_ms: float
+    runs: int
+    warmup: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.median_ms:.2f} ms (p10 {self.p10_ms:.2f}, p90 {self.p90_ms:.2f}, n={self.runs})"
+
+
+def _quantile(values: List[float], q: float) -> float:
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def measure(fn: Callable[[], object], *, warmup: int = 3, runs: int = 10,
+            min_seconds: float = 0.0) -> Timing:
+    """Time `fn()`; keeps running past `runs` until `min_seconds` of timed calls have passed."""
+    for _ in range(warmup):
+        fn()
+    samples: List[float] = []
+    started = time.perf_counter()
+    while len(samples) < runs or time.perf_counter() - started < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return Timing(statistics.median(samples), _quantile(samples, 0.1), _quantile(samples, 0.9),
+                  min(samples), len(samples), warmup)
