@@ -13,6 +13,10 @@ import model_zoo  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU (skipped without one)")
+
+
 @functools.lru_cache(maxsize=None)
 def traced(family: str):
     from vitopt.frontend.trace import trace

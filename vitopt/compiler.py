@@ -121,7 +121,7 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
     target = get_target(options.target)
     require_device(target)
     backend_name = choose_backend(target, options.backend)
-    precision = choose_precision(backend_name, options.precision)
+    precision = choose_precision(backend_name, options.precision, target.device)
     log(f"target {target.name}: backend {backend_name}, precision {precision}")
 
     source = load_source(model, options, log)
@@ -140,11 +140,16 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
         build_dir = Path(tmp) / "engine"
         build_dir.mkdir()
         step = time.perf_counter()
-        onnx_path = export_onnx(ir, example, Path(tmp) / "model.onnx")
-        log(f"lowered to ONNX in {time.perf_counter() - step:.1f}s")
-        step = time.perf_counter()
-        files = backend.build(onnx_path, build_dir, precision=precision, max_batch=options.max_batch,
-                              threads=options.threads)
+        if getattr(backend, "input_format", "onnx") == "torch":
+            files = backend.build_module(ir, example, build_dir, precision=precision,
+                                         max_batch=options.max_batch, device=target.device,
+                                         threads=options.threads)
+        else:
+            onnx_path = export_onnx(ir, example, Path(tmp) / "model.onnx")
+            log(f"lowered to ONNX in {time.perf_counter() - step:.1f}s")
+            step = time.perf_counter()
+            files = backend.build(onnx_path, build_dir, precision=precision,
+                                  max_batch=options.max_batch, threads=options.threads)
         engine = backend.load(build_dir, files, precision=precision, threads=options.threads)
         log(f"built the {backend_name} engine in {time.perf_counter() - step:.1f}s")
 

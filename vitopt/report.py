@@ -25,10 +25,10 @@ def format_compile_report(report) -> str:
         f"cosine {m['checks']['engine_vs_ir_cosine']:.6f}",
     ]
     if report.accuracy_before is not None:
-        drop = (report.accuracy_before - report.accuracy_after) * 100
+        change = (report.accuracy_after - report.accuracy_before) * 100
         lines.append(f"  accuracy   top-1 on {m['accuracy']['eval']} (held-out): "
                      f"{_pct(report.accuracy_before)} eager -> {_pct(report.accuracy_after)} engine "
-                     f"({drop:+.2f} points lost)")
+                     f"({change:+.2f} points)")
     if report.latency:
         rows = [{"batch": r.batch, "eager": r.eager.median_ms if r.eager else None,
                  "engine": r.engine.median_ms, "spread": f"{r.engine.p10_ms:.2f}-{r.engine.p90_ms:.2f}",

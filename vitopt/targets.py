@@ -29,8 +29,13 @@ TARGETS: Dict[str, Target] = {
                    description="an NVIDIA GPU on this machine"),
 }
 
-#: Precisions each backend may run; `auto` picks the first that this machine supports.
-AUTO_PRECISION = {"openvino": ("bf16", "fp32"), "onnxruntime": ("fp32",)}
+#: Precisions `auto` tries per (backend, device), fastest first; the first this machine runs wins.
+AUTO_PRECISION = {
+    ("openvino", "cpu"): ("bf16", "fp32"),
+    ("onnxruntime", "cpu"): ("fp32",),
+    ("aotinductor", "cpu"): ("fp32",),
+    ("aotinductor", "cuda"): ("fp16", "fp32"),
+}
 
 
 def get_target(name: str) -> Target:
@@ -73,14 +78,14 @@ def choose_backend(target: Target, backend: Optional[str]) -> str:
     raise BackendUnavailableError(f"no backend for target {target.name!r} works here: " + "; ".join(reasons))
 
 
-def choose_precision(backend: str, precision: str) -> str:
+def choose_precision(backend: str, precision: str, device: str = "cpu") -> str:
     """Resolve `auto` to the fastest precision this machine runs well on `backend`."""
     from vitopt.backends import get_backend
     engine = get_backend(backend)
     if precision != "auto":
         engine.require(precision)
         return precision
-    for candidate in AUTO_PRECISION.get(backend, ("fp32",)):
+    for candidate in AUTO_PRECISION.get((backend, device), ("fp32",)):
         if engine.supports(candidate)[0]:
             return candidate
     return "fp32"

@@ -50,3 +50,22 @@ def measure(fn: Callable[[], object], *, warmup: int = 3, runs: int = 10,
         samples.append((time.perf_counter() - t0) * 1e3)
     return Timing(statistics.median(samples), _quantile(samples, 0.1), _quantile(samples, 0.9),
                   min(samples), len(samples), warmup)
+
+
+def measure_interleaved(fns: dict, *, warmup: int = 3, runs: int = 10, rounds: int = 3) -> dict:
+    """Time several callables in alternating rounds so machine drift hits each equally.
+
+    Returns {name: Timing} built from all `runs * rounds` samples of each callable.
+    """
+    samples = {name: [] for name in fns}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: Timing(statistics.median(s), _quantile(s, 0.1), _quantile(s, 0.9), min(s),
+                         len(s), warmup) for name, s in samples.items()}

@@ -16,6 +16,7 @@ from vitopt.errors import ConfigError
 _REGISTRY = {
     "onnxruntime": "vitopt.backends.onnxruntime:OnnxRuntimeBackend",
     "openvino": "vitopt.backends.openvino:OpenVINOBackend",
+    "aotinductor": "vitopt.backends.aotinductor:AOTInductorBackend",
 }
 BACKENDS = tuple(_REGISTRY)
 

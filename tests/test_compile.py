@@ -1,0 +1,65 @@
+"""compile_model end to end: every backend's engine matches the IR; accuracy on the proxy."""
+import numpy as np
+import pytest
+import torch
+
+import vitopt
+from vitopt.compiler import compile_model
+from vitopt.tolerances import compare
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("family", ["hf_vit", "timm_vit_registers"])
+def test_engines_match_the_ir_fp32(family, backend, traced_family, tmp_path):
+    model, _, ir = traced_family(family)
+    out = tmp_path / "m.vitopt"
+    report = compile_model(model, out, backend=backend, precision="fp32", preset="lossless",
+                           max_batch=4, measure=False, image_size=20)
+    runtime = vitopt.load(out)
+    for batch in (1, 3):
+        images = torch.randn(batch, 3, 20, 20)
+        with torch.no_grad():
+            expected = ir(images).numpy()
+        result = compare(runtime(images.numpy()), expected, "fp32", backend)
+        assert result.ok, result
+    assert report.manifest["precision"] == "fp32"
+    assert all(row["precision"] == "fp32" for row in report.manifest["stages"])
+
+
+def test_aotinductor_on_cpu_matches_the_ir(traced_family, tmp_path):
+    model, _, ir = traced_family("user_vit")
+    out = tmp_path / "aoti.vitopt"
+    compile_model(model, out, backend="aotinductor", precision="fp32", max_batch=4, measure=False,
+                  image_size=20)
+    runtime = vitopt.load(out)
+    images = torch.randn(3, 3, 20, 20)
+    with torch.no_grad():
+        expected = ir(images).numpy()
+    assert compare(runtime(images.numpy()), expected, "fp32", "aotinductor").ok
+
+
+def test_builtin_proxy_keeps_its_accuracy(tmp_path):
+    out = tmp_path / "digits.vitopt"
+    report = compile_model("builtin:digits-vit", out, backend="openvino", precision="fp32",
+                           eval="builtin:digits", max_batch=64, measure=False)
+    assert report.accuracy_before >= 0.95
+    assert abs(report.accuracy_after - report.accuracy_before) <= 0.005
+    manifest = vitopt.load(out).manifest
+    assert manifest["output"]["labels"] == [str(i) for i in range(10)]
+    assert manifest["input"]["mean"] == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_target_cuda_fp16_through_aotinductor(traced_family, tmp_path):
+    model, _, ir = traced_family("timm_vit")
+    out = tmp_path / "cuda.vitopt"
+    report = compile_model(model, out, target="cuda", precision="auto", max_batch=8, measure=False,
+                           image_size=20)
+    assert report.manifest["backend"]["name"] == "aotinductor"
+    assert report.manifest["precision"] == "fp16"
+    runtime = vitopt.load(out)
+    images = torch.randn(5, 3, 20, 20)
+    with torch.no_grad():
+        expected = ir(images).numpy()
+    assert compare(np.asarray(runtime(images.numpy())), expected, "fp16", "aotinductor").ok
