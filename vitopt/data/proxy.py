@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -235,8 +236,6 @@ def train_digits_vit(seed: int = DEFAULT_SEED, epochs: int = DEFAULT_EPOCHS, out
 def _load_average():
     """The machine's 1-minute load average at save time, or None where the OS has none."""
     try:
-        import os
-
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
         return None
