@@ -140,6 +140,7 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
         build_dir = Path(tmp) / "engine"
         build_dir.mkdir()
         step = time.perf_counter()
+        log(f"lowering and building the {backend_name} {precision} engine ...")
         if getattr(backend, "input_format", "onnx") == "torch":
             files = backend.build_module(ir, example, build_dir, precision=precision,
                                          max_batch=options.max_batch, device=target.device,
@@ -237,6 +238,7 @@ def lift_source(source: Source, options: CompileOptions, log: Log) -> EncoderIR:
     if isinstance(source.module, EncoderIR):
         return source.module
     step = time.perf_counter()
+    log("tracing (torch.export) and lifting into the encoder IR ...")
     meta = source.meta
     example = torch.randn(2, meta.in_chans, *meta.image_size, generator=torch.Generator().manual_seed(0))
     model = source.exported if source.exported is not None else source.module
@@ -278,6 +280,7 @@ def probe_images(ir: EncoderIR, batch: int) -> torch.Tensor:
 def measure_accuracy(source: Source, ir: EncoderIR, engine, options: CompileOptions, log: Log):
     from vitopt.data.folder import resolve_dataset
     from vitopt.data.proxy import evaluate_top1
+    log(f"measuring top-1 on {options.eval} ...")
     if ir.meta.output != "logits":
         raise ConfigError(f"--eval needs a classifier (logits output); this model outputs "
                           f"{ir.meta.output}")
@@ -301,6 +304,7 @@ def measure_latency(source: Source, ir: EncoderIR, engine, options: CompileOptio
                     log: Log) -> List[LatencyRow]:
     rows = []
     reference = source.module if source.module is not None else ir
+    log(f"measuring latency ({options.runs} runs per cell after warm-up) ...")
     threads = torch.get_num_threads()
     if options.threads:
         torch.set_num_threads(options.threads)
