@@ -115,6 +115,25 @@ def test_threads_apply_per_call_only(ir, cpu_package):
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.parametrize("loader", aoti.LOADERS)
+def test_every_loader_opens_the_cpu_package(ir, cpu_package, loader):
+    engine = get_backend("aotinductor").load(*cpu_package, precision="fp32", loader=loader)
+    x, expected = reference(ir, 3)
+    check = compare(engine.run(x), expected, "fp32", "aotinductor")
+    assert check.ok, check
+
+
+def test_loader_choice(cpu_package, monkeypatch):
+    monkeypatch.setenv(aoti.LOADER_ENV, "single-threaded")
+    assert aoti.default_loader("cuda") == "single-threaded"
+    assert aoti.default_loader("cpu") == "package"  # CPU packages keep the plain loader
+    monkeypatch.setenv(aoti.LOADER_ENV, "no-such-loader")
+    with pytest.raises(ConfigError, match="unknown AOTInductor loader 'no-such-loader'.*VITOPT"):
+        aoti.default_loader("cuda")
+    with pytest.raises(ConfigError, match="unknown AOTInductor loader 'bad'"):
+        get_backend("aotinductor").load(*cpu_package, precision="fp32", loader="bad")
+
+
 def test_cuda_package_refused_without_gpu(cpu_package, tmp_path, monkeypatch):
     monkeypatch.setattr(aoti, "gpu_identity", lambda: None)
     out, files = copy_package(cpu_package, tmp_path, device="cuda", gpu=H100)

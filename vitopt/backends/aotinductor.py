@@ -22,6 +22,12 @@ other kernel choices at build time; compile time grows from seconds to many minu
 Threads (CPU): with `threads=None` at build the kernels follow torch's thread count at run
 time (inductor cpp.dynamic_threads), and load(threads=N) sets it for each call; a build with
 `threads=N` bakes N into the kernels.
+Loaders: how load opens the package (LOADERS; `open_package`). "package" (the default) is
+`torch._inductor.aoti_load_package(path)`. The others exist because a CUDA package once
+segfaulted inside AOTIModelPackageLoader's constructor on the H100 (torch 2.11, loaded in the
+process that built it while Inductor's compile workers were alive); benchmarks/aoti_diag.py tries
+each on the GPU machine, and $VITOPT_AOTI_LOADER picks one for CUDA packages (an explicit
+`load(loader=...)` wins; CPU packages use "package" unless asked).
 """
 from __future__ import annotations
 
@@ -30,8 +36,11 @@ import copy
 import json
 import os
 import shutil
+import tempfile
 import time
 import warnings
+import weakref
+import zipfile
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -48,6 +57,13 @@ DEVICES = ("cpu", "cuda")
 TUNINGS = ("default", "max-autotune")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 CPU_PRECISIONS = ("fp32",)
+#: Ways to open a .pt2 (open_package): aoti_load_package as is, with run_single_threaded=True,
+#: with an explicit device_index, the C++ AOTIModelPackageLoader called directly, the wrapper .so
+#: extracted and run by AOTIModelContainerRunnerCpu/Cuda (no package loader at all), and
+#: aoti_load_package after shutting down Inductor's compile-worker pool.
+LOADERS = ("package", "single-threaded", "device-index", "loader-class", "so-runner",
+           "no-workers")
+LOADER_ENV = "VITOPT_AOTI_LOADER"
 #: Words of Inductor's CPU vector ISA name -> the /proc/cpuinfo flag each one needs.
 ISA_FLAGS = {"avx2": "avx2", "avx512": "avx512f", "avx512_vnni": "avx512_vnni",
              "amx_tile": "amx_tile", "asimd": "asimd"}
@@ -211,11 +227,15 @@ class AOTInductorBackend(Backend):
 
     # --- load ------------------------------------------------------------------------------
     def load(self, out_dir: Path, files: Sequence[str], *, precision: str,
-             threads: Optional[int] = None) -> AOTInductorEngine:
+             threads: Optional[int] = None, loader: Optional[str] = None) -> AOTInductorEngine:
+        """The engine for a built package. loader: one of LOADERS; None means "package", or
+        $VITOPT_AOTI_LOADER for a CUDA package."""
         import torch
 
         self.require()
         self._check_threads(threads)
+        if loader is not None:
+            check_loader(loader, "loader")
         package = self._pick(out_dir, files, ".pt2")
         record = read_record(self._pick(out_dir, files, ".json"))
         if record.get("precision") != precision:
@@ -223,14 +243,97 @@ class AOTInductorBackend(Backend):
                                 f"{precision!r}; recompile with `vitopt compile`")
         check_fits_here(record, package)
         self.require(precision)
+        loader = loader or default_loader(record["device"])
         try:
-            runner = torch._inductor.aoti_load_package(str(package))
+            runner = open_package(package, loader, record["device"])
         except Exception as exc:  # the loader raises RuntimeError with C++ messages
             raise ArtifactError(f"torch {torch.__version__} cannot load {package} (built with "
                                 f"torch {record.get('torch')}): {_first_line(exc)}. Recompile "
                                 f"with `vitopt compile` on this machine.") from exc
         return AOTInductorEngine(runner, record["device"], getattr(torch, DTYPES[precision]),
                                  precision, threads)
+
+
+# --- opening a package ----------------------------------------------------------------------
+def check_loader(loader: str, source: str) -> str:
+    if loader not in LOADERS:
+        raise ConfigError(f"unknown AOTInductor loader {loader!r} (from {source}); use one of "
+                          f"{', '.join(LOADERS)}")
+    return loader
+
+
+def default_loader(device: str) -> str:
+    """"package", or $VITOPT_AOTI_LOADER for CUDA packages."""
+    wanted = os.environ.get(LOADER_ENV, "").strip()
+    if device != "cuda" or not wanted:
+        return "package"
+    return check_loader(wanted, f"${LOADER_ENV}")
+
+
+def open_package(package: Path, loader: str = "package", device: str = "cpu"):
+    """A callable (tensor -> output) for the package, opened the way `loader` says."""
+    import torch
+
+    check_loader(loader, "loader")
+    path = str(package)
+    if loader == "package":
+        return torch._inductor.aoti_load_package(path)
+    if loader == "single-threaded":
+        return torch._inductor.aoti_load_package(path, run_single_threaded=True)
+    if loader == "device-index":
+        return torch._inductor.aoti_load_package(path, device_index=0 if device == "cuda" else -1)
+    if loader == "no-workers":
+        from torch._inductor.async_compile import shutdown_compile_workers
+
+        shutdown_compile_workers()
+        return torch._inductor.aoti_load_package(path)
+    if loader == "loader-class":
+        return _loader_class(path, device)
+    return _so_runner(package, device)
+
+
+def _loader_class(path: str, device: str):
+    """torch._C._aoti.AOTIModelPackageLoader itself, without load_pt2's Python around it."""
+    import torch
+
+    try:
+        from torch._inductor.package.package import AOTICompiledModel
+    except ImportError:  # where it lives differs between torch versions
+        from torch.export.pt2_archive._package import AOTICompiledModel
+    cls = torch._C._aoti.AOTIModelPackageLoader
+    try:
+        loader = cls(path, "model", False, 1, 0 if device == "cuda" else -1)
+    except TypeError:  # older torch: (path, model_name, run_single_threaded, num_runners)
+        loader = cls(path, "model", False, 1)
+    return AOTICompiledModel(loader)
+
+
+def _so_runner(package: Path, device: str):
+    """Run the package's wrapper .so with AOTIModelContainerRunner*, bypassing the package
+    loader: the archive is extracted to a temporary folder that lives as long as the runner."""
+    import torch
+
+    folder = tempfile.mkdtemp(prefix="vitopt-aoti-so-")
+    with zipfile.ZipFile(package) as archive:
+        archive.extractall(folder)
+    libraries = sorted(Path(folder).rglob("*.so"))
+    if len(libraries) != 1:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ArtifactError(f"{package} holds {len(libraries)} .so files, not one; use another "
+                            f"loader")
+    library = libraries[0]
+    if device == "cuda":
+        runner = torch._C._aoti.AOTIModelContainerRunnerCuda(str(library), 1, "cuda",
+                                                             str(library.parent))
+    else:
+        runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(library), 1)
+
+    def run(images):
+        return runner.run([images])
+
+    run.runner = runner  # type: ignore[attr-defined]
+    weakref.finalize(run, shutil.rmtree, folder, True)
+    return run
 
 
 # --- helpers ---------------------------------------------------------------------------------
