@@ -21,7 +21,7 @@ from vitopt import __version__
 from vitopt.errors import ConfigError
 from vitopt.frontend.trace import single_output, trace
 from vitopt.ir.encoder import EncoderIR, EncoderMeta
-from vitopt.pipeline import PipelineResult, resolve_pipeline, Pipeline
+from vitopt.pipeline import PassContext, PassSpec, PipelineResult, get_pass, resolve_pipeline, Pipeline
 from vitopt.targets import choose_backend, choose_precision, get_target, require_device
 from vitopt.timing import Timing, measure
 
@@ -36,7 +36,8 @@ class CompileOptions:
 
     target: str = _opt("cpu", "hardware to build for: cpu, cuda")
     backend: Optional[str] = _opt(None, "engine to use (default: the target's best available)")
-    precision: str = _opt("auto", "fp32, bf16, or auto (the fastest this hardware runs well)")
+    precision: str = _opt("auto", "fp32, bf16, int8 (adds the quantize_int8 pass), or auto (the "
+                                  "fastest this hardware runs well; int8 when quantize_int8 runs)")
     preset: str = _opt("none", "named pass pipeline: none, lossless")
     passes: Tuple[str, ...] = _opt((), "add or override a pass: name[:key=value...] (repeatable)",
                                    cli_name="pass", repeat=True)
@@ -44,6 +45,11 @@ class CompileOptions:
     bench_batch: Tuple[int, ...] = _opt((1, 8), "batch sizes for the latency report (comma list)")
     eval: Optional[str] = _opt(None, "evaluation data for accuracy: builtin:digits or an image folder")
     eval_limit: Optional[int] = _opt(None, "use at most this many evaluation images")
+    calib: Optional[str] = _opt(None, "calibration images for quantize_int8: builtin:digits or an "
+                                      "image folder (its calib/ subfolder when it has one)")
+    max_accuracy_drop: Optional[float] = _opt(None, "int8: keep the most sensitive layers in fp32 until "
+                                                    "top-1 drops by at most this many points (needs "
+                                                    "--eval; decided on its calib split)")
     arch: Optional[str] = _opt(None, "architecture of a weights-only file: timm:NAME or hf:DIR")
     weights: Optional[str] = _opt(None, "state-dict file for a named architecture (timm:NAME)")
     trust_pickle: bool = _opt(False, "allow loading a pickled module (runs code from the file)")
@@ -60,6 +66,9 @@ class CompileOptions:
             raise ConfigError(f"max_batch must be at least 1, got {self.max_batch}")
         if self.runs < 1:
             raise ConfigError(f"runs must be at least 1, got {self.runs}")
+        if self.max_accuracy_drop is not None and (self.max_accuracy_drop < 0 or not self.eval):
+            raise ConfigError(f"--max-accuracy-drop {self.max_accuracy_drop} needs --eval data and "
+                              f"a value >= 0 (top-1 points)")
         if any(b < 1 for b in self.bench_batch):
             raise ConfigError(f"bench batch sizes must be positive, got {list(self.bench_batch)}")
         get_target(self.target)
@@ -118,15 +127,17 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
     started = time.perf_counter()
 
     specs = resolve_pipeline(options.preset, options.passes)   # validate config before work
+    specs, requested = plan_int8(specs, options.precision, options.max_accuracy_drop)
     target = get_target(options.target)
     require_device(target)
     backend_name = choose_backend(target, options.backend)
-    precision = choose_precision(backend_name, options.precision, target.device)
+    precision = choose_precision(backend_name, requested, target.device)
     log(f"target {target.name}: backend {backend_name}, precision {precision}")
 
     source = load_source(model, options, log)
     ir = lift_source(source, options, log)
-    result = Pipeline(specs).run(ir, dump_dir=options.dump_ir, log=log)
+    context = pass_context(specs, options, ir, log)
+    result = Pipeline(specs).run(ir, dump_dir=options.dump_ir, log=log, context=context)
     ir = result.ir
 
     from vitopt.artifact import input_spec, output_spec, write_artifact
@@ -153,6 +164,7 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
                                   max_batch=options.max_batch, threads=options.threads)
         engine = backend.load(build_dir, files, precision=precision, threads=options.threads)
         log(f"built the {backend_name} engine in {time.perf_counter() - step:.1f}s")
+        int8 = verify_int8(backend_name, engine, build_dir, files, ir, log) if precision == "int8" else None
 
         with torch.no_grad():
             expected = ir(example).numpy()
@@ -188,6 +200,8 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
             "checks": {"engine_vs_ir_max_abs": check.max_abs, "engine_vs_ir_cosine": check.cos_sim},
             "compile": {"vitopt_version": __version__, "options": _options_dict(options)},
         }
+        if int8 is not None:
+            manifest["quantization"] = quantization_manifest(result, int8)
         if precision == "bf16":
             manifest["hardware"] = _hardware_requiring(("avx512_bf16", "amx_bf16"))
         engine = None  # release the engine's files before the artifact moves them
@@ -199,8 +213,85 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
 
 
 # --- steps -----------------------------------------------------------------------------
+def plan_int8(specs: List[PassSpec], precision: str,
+              max_accuracy_drop: Optional[float] = None) -> Tuple[List[PassSpec], str]:
+    """int8 needs the quantize_int8 pass (appended, last, when missing); a pipeline that
+    quantizes builds an int8 engine when the precision is auto. --max-accuracy-drop goes into
+    the pass's options (an explicit `--pass quantize_int8:max_accuracy_drop=` wins)."""
+    quantizes = any(s.name == "quantize_int8" for s in specs)
+    if max_accuracy_drop is not None:
+        if not quantizes and precision not in ("auto", "int8"):
+            raise ConfigError(f"--max-accuracy-drop applies to int8; --precision {precision} does "
+                              f"not quantize")
+        if not quantizes:
+            specs, quantizes = [*specs, PassSpec("quantize_int8")], True
+        specs = [PassSpec(s.name, {"max_accuracy_drop": max_accuracy_drop, **s.options})
+                 if s.name == "quantize_int8" else s for s in specs]
+        for spec in specs:
+            spec.config()  # validate the merged options
+    if precision == "int8" and not quantizes:
+        return [*specs, PassSpec("quantize_int8")], precision
+    if quantizes and precision not in ("auto", "int8"):
+        raise ConfigError(f"the quantize_int8 pass makes an int8 model; --precision {precision} "
+                          f"cannot run it. Use --precision int8 (or auto), or drop the pass")
+    return specs, ("int8" if quantizes else precision)
+
+
+def pass_context(specs: List[PassSpec], options: CompileOptions, ir: EncoderIR, log: Log) -> PassContext:
+    """The data passes need: calibration images from --calib, loaded only when a pass uses them."""
+    if not any(get_pass(s.name).uses_context for s in specs):
+        if options.calib:
+            log(f"--calib {options.calib} is not used: no pass in this pipeline calibrates")
+        return PassContext()
+    from vitopt.data.calib import calibration_context
+    meta = ir.meta
+    context = calibration_context(options.calib, meta.image_size, meta.in_chans, meta.mean, meta.std)
+    if context.calib is not None:
+        log(f"calibration: {context.calib.shape[0]} images from {options.calib}")
+    if options.max_accuracy_drop is not None:  # decided on the eval data's calib split, never test
+        from vitopt.data.folder import resolve_dataset
+        context.eval_images, context.eval_labels, _ = resolve_dataset(
+            options.eval, "calib", meta.image_size[0], meta.mean, meta.std, meta.in_chans,
+            limit=options.eval_limit)
+    return context
+
+
+def verify_int8(backend_name: str, engine, build_dir: Path, files, ir: EncoderIR, log: Log) -> dict:
+    """Check that the engine runs the IR's int8 linears with int8 kernels; raise when it fell
+    back to float (a silent fallback is slower and not what was asked for)."""
+    from vitopt.errors import LoweringError
+    from vitopt.ir.quant import quant_layers
+    expected = len(quant_layers(ir))
+    if backend_name == "openvino":
+        from vitopt.backends.openvino import int8_summary
+        summary = int8_summary(engine)
+    elif backend_name == "onnxruntime":
+        from vitopt.backends.onnxruntime import int8_summary
+        summary = int8_summary(build_dir / files[0])
+    else:
+        raise ConfigError(f"vitopt cannot check int8 kernels on {backend_name}; use openvino or "
+                          f"onnxruntime for --precision int8")
+    if summary["int8_linears"] < expected:
+        raise LoweringError(f"{backend_name} runs only {summary['int8_linears']} of the {expected} "
+                            f"quantized linears in int8 ({summary}); the rest fell back to float. "
+                            f"Check the engine version, or compile with --precision fp32/bf16")
+    log(f"int8 check: {backend_name} runs {summary['int8_linears']} linears in int8 "
+        f"({summary['float_linears']} float: head, attention matmuls)"
+        + (f"; fused attention {summary['fused_attention']}" if summary.get("fused_attention") else ""))
+    return summary
+
+
+def quantization_manifest(result: PipelineResult, engine_summary: dict) -> dict:
+    """Method, calibration, per-layer ranges, SQNR and fallbacks (from quantize_int8's stats),
+    and what the engine ran."""
+    record = next((r for r in result.records if r.name == "quantize_int8" and r.modified), None)
+    stats = dict(record.stats) if record else {}
+    return {**stats, "config": record.config if record else None, "engine": engine_summary}
+
+
 def load_source(model, options: CompileOptions, log: Log) -> Source:
-    from vitopt.frontend.load import family_of, hints_for_module, load_model
+    from vitopt.frontend.hints import family_of, hints_for_module
+    from vitopt.frontend.load import load_model
     if isinstance(model, EncoderIR):
         return Source(model, None, model.meta.source or "EncoderIR", model.meta)
     if isinstance(model, nn.Module):
@@ -329,7 +420,7 @@ def stage_rows(ir: EncoderIR, precision: str) -> List[dict]:
     """The IR's stage table with the engine precision filled in where no pass set one."""
     rows = ir.table()
     for row in rows:
-        if row["precision"] == "fp32":
+        if row["precision"] == "fp32" and precision != "int8":  # int8: only where a pass set it
             row["precision"] = precision
     return rows
 

@@ -42,12 +42,28 @@ class PassResult:
     notes: List[str] = field(default_factory=list)
 
 
+@dataclass
+class PassContext:
+    """Data some passes need beyond the IR and their config (calibration, evaluation images).
+
+    calib: normalized images [N, C, H, W] the IR accepts, or None (a pass that needs data then
+    falls back to synthetic random images and warns). calib_source: where they came from.
+    """
+
+    calib: Optional[torch.Tensor] = None
+    calib_source: str = ""
+    #: labelled images for accuracy-driven decisions (quantize_int8's max_accuracy_drop).
+    eval_images: Optional[torch.Tensor] = None
+    eval_labels: Optional[torch.Tensor] = None
+
+
 @dataclass(frozen=True)
 class PassInfo:
     name: str
-    fn: Callable[[EncoderIR, PassConfig], PassResult]
+    fn: Callable[..., PassResult]
     config: type
     exact: bool
+    uses_context: bool = False  # fn(ir, config, context) instead of fn(ir, config)
 
     @property
     def summary(self) -> str:
@@ -58,8 +74,9 @@ class PassInfo:
 _REGISTRY: Dict[str, PassInfo] = {}
 
 
-def register_pass(name: str, *, config: type, exact: bool):
-    """Decorator: register `fn` as pass `name`. The registry refuses duplicate names."""
+def register_pass(name: str, *, config: type, exact: bool, uses_context: bool = False):
+    """Decorator: register `fn` as pass `name`. The registry refuses duplicate names.
+    `uses_context`: the pass takes a third argument, the run's PassContext."""
 
     def wrap(fn):
         if name in _REGISTRY:
@@ -71,7 +88,7 @@ def register_pass(name: str, *, config: type, exact: bool):
                                f"must be the same")
         if not (dataclasses.is_dataclass(config) and issubclass(config, PassConfig)):
             raise RuntimeError(f"pass {name!r}: config must be a frozen PassConfig dataclass")
-        _REGISTRY[name] = PassInfo(name, fn, config, exact)
+        _REGISTRY[name] = PassInfo(name, fn, config, exact, uses_context)
         return fn
 
     return wrap
@@ -109,6 +126,13 @@ class PassSpec:
 PRESETS: Dict[str, List[PassSpec]] = {
     "none": [],
     "lossless": [PassSpec("fuse_qkv"), PassSpec("fold_layer_scale")],
+    # Token merging (ToMe) to a FLOPs budget, r per block capped at a share of the patch tokens
+    # (vitopt.schedule.merge_schedule); chosen with benchmarks/token_reduction.py on the digits
+    # proxy (accuracy) and DeiT-S/16 on OpenVINO bf16 (speed): DeiT-S gets r = 15 / r = 16.
+    "balanced": [PassSpec("fuse_qkv"), PassSpec("fold_layer_scale"),
+                 PassSpec("merge_tokens", {"flops": 0.55, "max_rate": 0.1})],
+    "fast": [PassSpec("fuse_qkv"), PassSpec("fold_layer_scale"),
+             PassSpec("merge_tokens", {"flops": 0.5, "max_rate": 0.15})],
 }
 
 
@@ -223,8 +247,10 @@ class Pipeline:
         return cls(resolve_pipeline(preset, extra))
 
     def run(self, ir: EncoderIR, *, dump_dir: Optional[str] = None,
-            log: Optional[Callable[[str], None]] = None) -> PipelineResult:
+            log: Optional[Callable[[str], None]] = None,
+            context: Optional[PassContext] = None) -> PipelineResult:
         ir = ir.clone()
+        context = context or PassContext()
         records: List[PassRecord] = []
         dump = Path(dump_dir) if dump_dir else None
         if dump:
@@ -236,7 +262,7 @@ class Pipeline:
             before_flops, before_tokens = ir.flops(), ir.token_counts()
             reference = _run(ir, probe) if info.exact else None
             start = time.perf_counter()
-            result = info.fn(ir, config)
+            result = info.fn(ir, config, context) if info.uses_context else info.fn(ir, config)
             seconds = time.perf_counter() - start
             done = [r.name for r in records]
             try:

@@ -67,6 +67,21 @@ def format_manifest(manifest: dict, path: str) -> str:
         eager = row["eager"]["median_ms"] if row.get("eager") else None
         lines.append(f"latency      batch {row['batch']}: engine {row['engine']['median_ms']:.2f} ms"
                      + (f", eager torch {eager:.2f} ms" if eager else ""))
+    quant = manifest.get("quantization")
+    if quant:
+        layers = quant.get("layers") or {}
+        worst = min(layers.items(), key=lambda kv: kv[1]["sqnr_db"]) if layers else None
+        lines.append(f"quantization int8 {quant.get('quantized')}/{len(layers)} linears, ranges by "
+                     f"{quant.get('method')} on {quant.get('calib_images')} images "
+                     f"({quant.get('calib_source')})"
+                     + (f", lowest SQNR {worst[0]} {worst[1]['sqnr_db']:.1f} dB" if worst else ""))
+        for name, why in (quant.get("fallback") or {}).items():
+            lines.append(f"  kept fp32  {name}: {why}")
+        engine = quant.get("engine") or {}
+        lines.append(f"  engine     {engine.get('int8_linears')} int8 linears, "
+                     f"{engine.get('float_linears')} float"
+                     + (f", fused attention {engine['fused_attention']}"
+                        if engine.get("fused_attention") else ""))
     stages: List[dict] = manifest.get("stages") or []
     if stages:
         lines += ["", format_stage_rows(stages)]

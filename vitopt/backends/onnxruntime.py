@@ -95,3 +95,20 @@ class OnnxRuntimeBackend(Backend):
             raise ArtifactError(f"ONNX Runtime {self.version()} cannot load {path}: {exc}. "
                                 f"Recompile with `vitopt compile` using this version.") from exc
         return OnnxRuntimeEngine(session, precision)
+
+
+INT8_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul",
+            "QGemm")
+FLOAT_LINEAR_OPS = ("MatMul", "FusedMatMul", "Gemm")
+
+
+def int8_summary(model_path) -> dict:
+    """What ORT runs for the linears of an optimized model file (the engine file): int8 kernels
+    (MatMulIntegerToFloat, QLinearMatMul, ...) vs float MatMul/Gemm (attention matmuls included)."""
+    import onnx
+    from collections import Counter
+
+    ops = Counter(n.op_type for n in onnx.load(str(model_path), load_external_data=False).graph.node)
+    return {"int8_linears": sum(ops[o] for o in INT8_OPS),
+            "float_linears": sum(ops[o] for o in FLOAT_LINEAR_OPS),
+            "linears_by_op": {o: ops[o] for o in INT8_OPS + FLOAT_LINEAR_OPS if ops[o]}}

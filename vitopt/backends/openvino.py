@@ -2,12 +2,14 @@
 
 build: the ONNX model is read, its batch bounded to 1..max_batch, and saved as OpenVINO IR
 (.xml + .bin, weights kept fp32: compress_to_fp16=False). load: compiled for "CPU" with
-  INFERENCE_PRECISION_HINT  f32 (fp32, int8) | bf16 (bf16) | f16 (fp16)
+  INFERENCE_PRECISION_HINT  f32 (fp32) | bf16 (bf16; int8 where the CPU has BF16) | f16 (fp16)
   PERFORMANCE_HINT          LATENCY
   INFERENCE_NUM_THREADS     threads (when given)
 The precision hint must be set even for fp32: on a CPU with BF16 the CPU plugin defaults to
 bf16. int8 means the graph already carries the quantization (Q/DQ or NNCF); the remaining ops
-run f32. bf16/fp16 need the CPU to list BF16/FP16 in OPTIMIZATION_CAPABILITIES.
+(float attention, LayerNorm, GELU) run bf16 where the CPU lists BF16 (as OpenVINO + NNCF int8
+does by default there), else f32. `int8_summary(engine)` counts the linears OpenVINO really
+runs in u8/i8 and the precision of its fused attention. bf16/fp16 need the CPU to list BF16/FP16 in OPTIMIZATION_CAPABILITIES.
 `runtime_precisions(engine)` counts (layerType, runtimePrecision) over the compiled model, the
 way to check that linears and attention really run in bf16/int8 rather than assume it.
 """
@@ -106,7 +108,10 @@ class OpenVINOBackend(Backend):
 
     def config(self, precision: str, threads: Optional[int] = None) -> dict:
         """The compile properties for `precision` and `threads`."""
-        config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
+        hint = PRECISION_HINTS[precision]
+        if precision == "int8" and "BF16" in cpu_capabilities():
+            hint = "bf16"  # the float rest of an int8 graph; Q/DQ'd linears stay int8
+        config = {"INFERENCE_PRECISION_HINT": hint,
                   "PERFORMANCE_HINT": "LATENCY"}
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = threads
@@ -141,3 +146,18 @@ def runtime_precisions(engine) -> Counter:
         info = op.get_rt_info()
         counts[(info["layerType"].astype(str), info["runtimePrecision"].astype(str))] += 1
     return counts
+
+
+LINEAR_TYPES = ("FullyConnected", "MatMul")
+INT8_TYPES = ("u8", "i8")
+
+
+def int8_summary(engine) -> dict:
+    """What an int8 engine really runs: linears (FullyConnected/MatMul) in u8/i8 vs float,
+    and the fused attention kernels ("Subgraph") by precision."""
+    counts = runtime_precisions(engine)
+    linears = {p: n for (t, p), n in counts.items() if t in LINEAR_TYPES}
+    return {"int8_linears": sum(n for p, n in linears.items() if p in INT8_TYPES),
+            "float_linears": sum(n for p, n in linears.items() if p not in INT8_TYPES),
+            "linears_by_precision": dict(sorted(linears.items())),
+            "fused_attention": dict(sorted((p, n) for (t, p), n in counts.items() if t == "Subgraph"))}

@@ -36,7 +36,6 @@ import difflib
 import hashlib
 import io
 import json
-import pickletools
 import posixpath
 import re
 import warnings
@@ -49,6 +48,9 @@ import torch
 from torch import nn
 
 from vitopt.errors import ConfigError, ModelLoadError
+from vitopt.frontend.hints import (_empty_hints, _exported_hints, _family_of, _hf_hints,
+                                   _module_hints, _pair, _timm_hints, _torchvision_hints)
+from vitopt.frontend.pickle_scan import _pickle_imports_of_file, _strip_root, _unsafe_names
 
 PREFIXES = ("timm", "hf", "torchvision", "builtin")
 BUILTINS = ("digits-vit", "digits-vit-hf")
@@ -64,11 +66,8 @@ ACCEPTED_FORMS = (
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                    "pytorch_model.bin", "pytorch_model.bin.index.json")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _ZIP_MAGIC = b"PK\x03\x04"
 _CHUNK = 1 << 20
-_HINT_KEYS = ("image_size", "in_chans", "mean", "std", "labels", "num_classes")
 
 
 @dataclasses.dataclass
@@ -494,11 +493,6 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
     return 0 < header_len <= size - 8 and head[8:9] == b"{"
 
 
-def _strip_root(name: str) -> str:
-    """'archive/data.pkl' -> 'data.pkl': PyTorch zips keep everything under one top folder."""
-    return name.split("/", 1)[1] if "/" in name else name
-
-
 def _corrupt(path: Path, why: str) -> ModelLoadError:
     return ModelLoadError(f"{path} is not a readable PyTorch/safetensors file: {why}. Check that "
                           "the file was copied completely, or re-save it")
@@ -571,99 +565,6 @@ def _unsafe_pickle_error(path: Path, names: list[str]) -> ModelLoadError:
 
 
 # Globals torch's weights_only unpickler accepts: they rebuild tensors and containers only.
-_SAFE_GLOBAL = re.compile(r"^(torch\._utils\._rebuild_\w+|torch\.\w*Storage|torch\.Size|"
-                          r"torch\.device|torch\.serialization\._get_layout|"
-                          r"collections\.OrderedDict|_codecs\.encode|"
-                          r"(__builtin__|builtins)\.(set|frozenset|bytearray))$")
-
-
-def _is_safe_global(name: str) -> bool:
-    if _SAFE_GLOBAL.match(name):
-        return True
-    module, _, attr = name.rpartition(".")
-    return module == "torch" and isinstance(getattr(torch, attr, None), torch.dtype)
-
-
-def _unsafe_names(names: list[str]) -> list[str]:
-    """Imported names other than the tensor-rebuilding ones, in order, without repeats."""
-    seen = []
-    for name in names:
-        if name not in seen and not _is_safe_global(name):
-            seen.append(name)
-    return seen
-
-
-def _pickle_imports_of_file(path: Path) -> list[str] | None:
-    """Names the file's pickles would import (never running them); None if it is no pickle."""
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                member = next((n for n in zf.namelist() if _strip_root(n) == "data.pkl"), None)
-                data = zf.read(member) if member else b""
-        else:
-            data = path.read_bytes()
-    except (zipfile.BadZipFile, OSError):
-        return None
-    return _pickle_imports(data)
-
-
-def _pickle_imports(data: bytes, max_pickles: int = 4) -> list[str] | None:
-    """Globals imported by the pickles at the start of data (torch's legacy format chains a few).
-
-    Walks the opcodes with pickletools, executing nothing. None when the first pickle does not
-    parse to its STOP opcode (the bytes are not a pickle).
-    """
-    names, start = [], 0
-    for index in range(max_pickles):
-        parsed = _scan_one_pickle(data, start)
-        if parsed is None:
-            return names if index else None
-        found, start = parsed
-        names += found
-        if start >= len(data):
-            break
-    return names
-
-
-def _scan_one_pickle(data: bytes, start: int) -> tuple[list[str], int] | None:
-    names, strings, memo, last = [], [], {}, None
-    try:
-        for op, arg, pos in pickletools.genops(io.BytesIO(data[start:])):
-            if op.name == "STOP":
-                return names, start + pos + 1
-            if op.name in ("GLOBAL", "INST"):
-                names.append(str(arg).replace(" ", "."))
-            elif op.name == "STACK_GLOBAL":
-                names.append(".".join(strings[-2:]) if len(strings) >= 2 else "<unknown>")
-            elif op.name in ("EXT1", "EXT2", "EXT4"):
-                names.append(f"<extension {arg}>")
-            last = _track_strings(op.name, arg, last, strings, memo)
-    except (ValueError, EOFError, IndexError, KeyError):
-        return None
-    return None
-
-
-def _track_strings(op: str, arg: Any, last: Any, strings: list, memo: dict) -> Any:
-    """Follow string pushes through the memo, so STACK_GLOBAL's module and name are known."""
-    if isinstance(arg, str) and ("UNICODE" in op or "STRING" in op):
-        strings.append(str(arg))
-        return str(arg)
-    if op == "MEMOIZE":
-        memo[len(memo)] = last
-        return last
-    if op in ("PUT", "BINPUT", "LONG_BINPUT"):
-        memo[arg] = last
-        return last
-    if op in ("GET", "BINGET", "LONG_BINGET"):
-        value = memo.get(arg)
-        if isinstance(value, str):
-            strings.append(value)
-        return value
-    return None
-
-
-# ---------------------------------------------------------------------------- state dicts
-
 def _find_state_dict(obj: Any) -> dict | None:
     """The state dict in obj: obj itself, or under 'state_dict' / 'model' / 'model_state_dict'."""
     if _is_tensor_mapping(obj):
@@ -855,129 +756,6 @@ def _loads_weights_only(zf: zipfile.ZipFile, member: str) -> bool:
 
 # --------------------------------------------------------------------------------- hints
 
-def _empty_hints() -> dict:
-    return dict.fromkeys(_HINT_KEYS)
-
-
-def _pair(size: Any) -> tuple[int, int] | None:
-    if isinstance(size, int):
-        return (size, size)
-    if isinstance(size, (tuple, list)) and len(size) == 2 \
-            and all(isinstance(v, int) for v in size):
-        return (int(size[0]), int(size[1]))
-    return None
-
-
-def _floats(values: Any) -> tuple | None:
-    if isinstance(values, (tuple, list)) and values:
-        return tuple(float(v) for v in values)
-    return None
-
-
-def _timm_hints(model: nn.Module) -> dict:
-    hints = _empty_hints()
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    input_size = cfg.get("input_size")
-    # pretrained_cfg keeps the default input size even when img_size= overrode it.
-    patch_embed = getattr(model, "patch_embed", None)
-    hints["image_size"] = _pair(getattr(patch_embed, "img_size", None)) or \
-        (_pair(tuple(input_size[1:])) if input_size else None)
-    hints["in_chans"] = _first_conv_channels(model, cfg) or (input_size[0] if input_size else None)
-    hints["mean"], hints["std"] = _floats(cfg.get("mean")), _floats(cfg.get("std"))
-    hints["num_classes"] = getattr(model, "num_classes", None)
-    return hints
-
-
-def _first_conv_channels(model: nn.Module, cfg: dict) -> int | None:
-    name = cfg.get("first_conv")
-    try:
-        conv = model.get_submodule(name) if isinstance(name, str) else None
-    except AttributeError:
-        conv = None
-    return getattr(conv, "in_channels", None)
-
-
-def _torchvision_hints(model: nn.Module) -> dict:
-    hints = _empty_hints()
-    hints["image_size"] = _pair(getattr(model, "image_size", None))
-    hints["in_chans"] = 3
-    # Every torchvision classification checkpoint is normalized with the ImageNet statistics.
-    hints["mean"], hints["std"] = IMAGENET_MEAN, IMAGENET_STD
-    hints["num_classes"] = getattr(model, "num_classes", None)
-    return hints
-
-
-def _hf_hints(model: nn.Module, directory: Path | None) -> dict:
-    hints = _empty_hints()
-    config = model.config
-    hints["image_size"] = _pair(getattr(config, "image_size", None))
-    hints["in_chans"] = getattr(config, "num_channels", None)
-    if directory is not None:
-        hints["mean"], hints["std"] = _preprocessor_stats(directory)
-    if type(model).__name__.endswith("ForImageClassification"):
-        hints["num_classes"] = config.num_labels
-        hints["labels"] = _hf_labels(config)
-    return hints
-
-
-def _preprocessor_stats(directory: Path) -> tuple:
-    path = directory / "preprocessor_config.json"
-    if not path.is_file():
-        return None, None
-    try:
-        pre = json.loads(path.read_text())
-    except (ValueError, OSError) as exc:
-        raise ModelLoadError(f"{path} is not valid JSON ({exc}); fix or remove it") from exc
-    return _floats(pre.get("image_mean")), _floats(pre.get("image_std"))
-
-
-def _hf_labels(config) -> list[str] | None:
-    id2label = getattr(config, "id2label", None) or {}
-    try:
-        labels = [id2label[i] for i in range(config.num_labels)]
-    except KeyError:
-        return None
-    if all(label == f"LABEL_{i}" for i, label in enumerate(labels)):
-        return None  # transformers' placeholder names, not real classes
-    return labels
-
-
-def _module_hints(module: nn.Module) -> dict:
-    """Hints for a module of unknown origin, from whichever convention it follows."""
-    if getattr(module, "pretrained_cfg", None):
-        return _timm_hints(module)
-    if getattr(getattr(module, "config", None), "model_type", None):
-        return _hf_hints(module, None)
-    if hasattr(module, "image_size"):
-        return _torchvision_hints(module)
-    return _empty_hints()
-
-
-def _family_of(module: nn.Module) -> str:
-    top = type(module).__module__.split(".")[0]
-    return {"timm": "timm", "transformers": "hf", "torchvision": "torchvision"}.get(top, "user")
-
-
-def _exported_hints(exported) -> dict:
-    """in_chans and image size from the first user input of an NCHW exported program."""
-    hints = _empty_hints()
-    from torch.export.graph_signature import InputKind
-
-    user = [s.arg.name for s in exported.graph_signature.input_specs
-            if s.kind == InputKind.USER_INPUT and hasattr(s.arg, "name")]
-    nodes = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
-    val = nodes[user[0]].meta.get("val") if user and user[0] in nodes else None
-    shape = getattr(val, "shape", None)
-    if shape is not None and len(shape) == 4:
-        dims = [d if isinstance(d, int) else None for d in shape]
-        hints["in_chans"] = dims[1]
-        if dims[2] is not None and dims[3] is not None:
-            hints["image_size"] = (dims[2], dims[3])
-    return hints
-
-
-# ----------------------------------------------------------------------------- utilities
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -1007,15 +785,3 @@ def _describe(obj: Any) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-def hints_for_module(module: nn.Module) -> dict:
-    """Hints (image size, channels, mean/std, labels) for a module handed to vitopt in Python."""
-    hints = _empty_hints()
-    hints.update({k: v for k, v in _module_hints(module).items() if v is not None})
-    return hints
-
-
-def family_of(module: nn.Module) -> str:
-    """timm | hf | torchvision | user, from the package the module's class comes from."""
-    return _family_of(module)

@@ -138,9 +138,29 @@ class EncoderIR(nn.Module):
             if tokens <= self.num_prefix_tokens and isinstance(stage, Attention):
                 raise ValueError(f"stage {stage.kind}{getattr(stage, 'block', '')} gets {tokens} "
                                  f"tokens, no more than the {self.num_prefix_tokens} prefix tokens")
+        self._check_side_inputs(stages, counts)
         dims = {s.embed_dim for s in stages if isinstance(s, Attention)}
         if len(dims) > 1:
             raise ValueError(f"attention stages disagree on the embedding width: {sorted(dims)}")
+
+    @staticmethod
+    def _check_side_inputs(stages, counts) -> None:
+        """Token-reduction stages get the token count they were built for, and the side
+        information they read comes from an attention stage over the same tokens."""
+        fresh = set()
+        for stage, tokens in zip(stages, counts):
+            name = f"{stage.kind}{getattr(stage, 'block', '')}"
+            if stage.expected_tokens is not None and stage.expected_tokens != tokens:
+                raise ValueError(f"stage {name} was built for {stage.expected_tokens} tokens but "
+                                 f"gets {tokens}")
+            missing = sorted(set(stage.reads) - fresh)
+            if missing:
+                raise ValueError(f"stage {name} reads {', '.join(missing)}, which no attention "
+                                 f"stage over the same tokens records before it")
+            if isinstance(stage, Attention):
+                fresh |= stage.records()
+            elif stage.reads or stage.tokens_out(tokens) != tokens:
+                fresh = set()
 
 
 def final_norm_index(ir: EncoderIR) -> Optional[int]:

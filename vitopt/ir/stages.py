@@ -39,15 +39,22 @@ def linear_flops(layer: nn.Module, rows: int) -> int:
 
 
 def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """Parameters, counting int8 weights (buffers of vitopt.ir.quant.QuantLinear) too."""
+    return (sum(p.numel() for p in module.parameters()) +
+            sum(b.numel() for name, b in module.named_buffers() if name.endswith("weight_q")))
 
 
 class Stage(nn.Module):
     """Base class: a typed node of the chain."""
 
     kind = "stage"
-    #: precision annotation written by precision passes ("fp32", "fp16", "bf16", "int8").
+    #: precision annotation written by precision passes ("fp32", "fp16", "bf16", "int8", or
+    #: "int8+fp32" when quantize_int8 kept some of the stage's linears in fp32).
     precision = "fp32"
+    #: TokenState fields this stage needs from an attention stage before it ("cls_attn", "keys").
+    reads: tuple = ()
+    #: the token count the stage was built for (token-reduction stages); None: any.
+    expected_tokens: Optional[int] = None
 
     def tokens_out(self, tokens_in: int) -> int:
         return tokens_in
@@ -135,6 +142,15 @@ class Attention(Stage):
         # Side outputs requested by token-reduction passes (see TokenState).
         self.record_cls_attn = False
         self.record_keys = False
+        # The query whose attention row `cls_attn` holds: "cls" (token 0), or "mean" (the mean
+        # query of tokens cls_attn_from..N, for encoders without a class token).
+        self.cls_attn_query = "cls"
+        self.cls_attn_from = 0
+        # Proportional attention (ToMe): add log(size) to the logits when tokens carry sizes.
+        self.size_bias = True
+        # Fake quantization of the attention matmul inputs (vitopt.ir.quant.AttentionQuant);
+        # None keeps attention in float, fused by the engines.
+        self.attn_quant = None
 
     @property
     def embed_dim(self) -> int:
@@ -148,28 +164,55 @@ class Attention(Stage):
     def forward(self, state: TokenState) -> TokenState:
         x = state.x
         b, n, _ = x.shape
-        q, k, v = self.project_qkv(self.norm(x))
-        q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        h = self.norm(x)
+        q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+                   for t in self.project_qkv(h))
         mask = None
-        if state.size is not None:  # proportional attention (ToMe): log(size) added to the logits
+        if state.size is not None and self.size_bias:  # proportional attention (ToMe): + log(size)
             mask = state.size.log().reshape(b, 1, 1, n).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        if self.attn_quant is not None:  # int8 attention matmuls (quantize_int8 option)
+            out = self.attn_quant(q, k, v, mask, self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         out = self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
         if self.layer_scale is not None:
             out = out * self.layer_scale
         new = state.with_x(x + out)
         if self.record_cls_attn:
             # One row of attention per head from q_cls . K^T: never the full N x N matrix.
-            logits = (q[:, :, :1] @ k.transpose(-2, -1)).squeeze(2) * self.scale  # [B, H, N]
+            query = (q[:, :, :1] if self.cls_attn_query == "cls"
+                     else q[:, :, self.cls_attn_from:].mean(dim=2, keepdim=True))
+            logits = (query @ k.transpose(-2, -1)).squeeze(2) * self.scale  # [B, H, N]
             if mask is not None:
                 logits = logits + mask.reshape(b, 1, n)
             new.cls_attn = logits.softmax(dim=-1).mean(dim=1)
         if self.record_keys:
-            new.keys = k.mean(dim=1)
+            # The head average of the keys is linear in h: one small projection with the
+            # head-averaged key weights (engines run it as a GEMM; a mean over the head axis
+            # of the transposed keys ran as a slow reduction in OpenVINO).
+            new.keys = F.linear(h, *self.mean_key_projection())
         return new
 
     def projections(self):
         return [m for m in (self.qkv, self.q, self.k, self.v, self.proj) if m is not None]
+
+    def mean_key_projection(self):
+        """(weight [Dh, D], bias [Dh] or None) giving the keys averaged over heads."""
+        dim = self.num_heads * self.head_dim
+        if self.qkv is not None:
+            weight = self.qkv.weight[dim:2 * dim]
+            bias = self.qkv.bias[dim:2 * dim] if self.qkv.bias is not None else None
+        else:
+            weight, bias = self.k.weight, self.k.bias
+        weight = weight.reshape(self.num_heads, self.head_dim, -1).mean(dim=0)
+        if bias is not None:
+            bias = bias.reshape(self.num_heads, self.head_dim).mean(dim=0)
+        return weight, bias
+
+    def records(self) -> set:
+        """The TokenState fields this stage writes for the stages after it."""
+        return {name for name, on in (("cls_attn", self.record_cls_attn),
+                                      ("keys", self.record_keys)) if on}
 
     def flops(self, tokens_in: int) -> int:
         n = tokens_in

@@ -1,0 +1,265 @@
+"""int8 quantization: vitopt's method vs naive min/max on the digits proxy, and DeiT-S speed.
+
+Accuracy (default): the digits proxy (builtin:digits-vit; a PROXY, not ImageNet), calibrated on
+the `calib` split (180 images), top-1 on the held-out `test` split (360 images), in the IR's
+reference executor (the fake-quant model) and, with --engine-accuracy, on the OpenVINO and ORT
+int8 engines. Rows: fp32; vitopt int8 (defaults: LayerNorm balancing, MSE ranges, float
+attention); the same without balancing; percentile ranges; int8 attention matmuls; and NAIVE
+min/max (no balancing, min/max ranges, q/k/v and the softmax output quantized min/max). Beside
+top-1: logit SQNR vs fp32 (dB) and agreement with fp32 predictions. The small proxy has no
+LayerNorm outlier channels (large trained ViTs do), so every row also runs on the same network
+rewritten with one outlier channel per LayerNorm (x300, compensated in the next linear: the
+same fp32 function), where min/max without balancing breaks.
+
+Speed (--speed): DeiT-S/16 224 (random init; ranges from the digits calib images resized to 224
+with ImageNet normalization, the same images for every quantizer), at each batch, timed in
+interleaved rounds in one run:
+  OpenVINO: bf16 of the plain model | vitopt int8 | NNCF int8 (nncf.quantize(model, dataset,
+            model_type=nncf.ModelType.TRANSFORMER) on the plain torch-exported model)
+  ORT:      fp32 of the plain model | vitopt int8 | quantize_static (QDQ, per-channel)
+plus what each OpenVINO engine really runs (linears and fused attention by precision).
+
+    python benchmarks/quantization.py                     # accuracy, ~2 minutes
+    python benchmarks/quantization.py --speed --skip-accuracy --batches 1,8
+    python benchmarks/quantization.py --speed --skip-accuracy --batches 8 --speed-backends openvino --runs 5 --rounds 2
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import markdown_table, write_results  # noqa: E402
+
+OUTLIER = 300.0
+NAIVE = {"smooth": False, "method": "minmax", "quantize_attention": True, "quantize_softmax": True}
+SETTINGS = [
+    ("fp32", None),
+    ("vitopt int8 (default)", {}),
+    ("vitopt int8, no LayerNorm balancing", {"smooth": False}),
+    ("vitopt int8, percentile ranges", {"method": "percentile"}),
+    ("vitopt int8, int8 attention matmuls", {"quantize_attention": True}),
+    ("naive min/max (no balancing, softmax quantized)", NAIVE),
+]
+
+
+def build_engine(ir, tmp: Path, backend_name: str, precision: str, max_batch: int):
+    from vitopt.lower.onnx_export import export_onnx
+    h, w = ir.meta.image_size
+    onnx_path = export_onnx(ir, torch.randn(2, ir.meta.in_chans, h, w), tmp / "model.onnx")
+    return load_onnx(onnx_path, tmp / backend_name, backend_name, precision, max_batch)
+
+
+def load_onnx(onnx_path: Path, out: Path, backend_name: str, precision: str, max_batch: int):
+    from vitopt.backends import get_backend
+    backend = get_backend(backend_name)
+    files = backend.build(onnx_path, out, precision=precision, max_batch=max_batch)
+    return backend.load(out, files, precision=precision), out / files[0]
+
+
+def accuracy(engine_accuracy: bool, tmp: Path, log) -> list:
+    from vitopt.data.digits import load_digits_split
+    from vitopt.data.proxy import build_digits_vit
+    from vitopt.frontend.trace import trace
+
+    images, labels = load_digits_split("test")
+    calib, _ = load_digits_split("calib")
+    rows = []
+    plain = trace(build_digits_vit(), images[:2])
+    for model_label, ir in (("proxy", plain), (f"proxy, LayerNorm outliers x{OUTLIER}",
+                                              with_outlier_channels(plain, OUTLIER))):
+        rows += accuracy_rows(model_label, ir, images, labels, calib, engine_accuracy, tmp, log)
+    return rows
+
+
+def with_outlier_channels(ir, factor: float):
+    """The same fp32 function with one outlier channel per pre-norm LayerNorm (as large trained
+    ViTs have): LayerNorm channel 0 x factor, the next linear's input column 0 / factor."""
+    ir = ir.clone()
+    with torch.no_grad():
+        for stage in ir.blocks():
+            stage.norm.weight[0] *= factor
+            stage.norm.bias[0] *= factor
+            (stage.qkv if hasattr(stage, "qkv") else stage.fc1).weight[:, 0] /= factor
+    return ir
+
+
+def accuracy_rows(model_label, ir, images, labels, calib, engine_accuracy, tmp, log) -> list:
+    from vitopt.data.proxy import evaluate_top1
+    from vitopt.pipeline import PassContext, PassSpec, Pipeline
+    with torch.no_grad():
+        ref = ir(images)
+    rows = []
+    for index, (label, options) in enumerate(SETTINGS):
+        started = time.perf_counter()
+        model, stats = ir, {}
+        if options is not None:
+            result = Pipeline([PassSpec("quantize_int8", options)]).run(
+                ir, context=PassContext(calib=calib, calib_source="builtin:digits calib"))
+            model, stats = result.ir, result.records[0].stats
+        with torch.no_grad():
+            out = model(images)
+        row = {"model": model_label, "setting": label, "options": options,
+               "top1": evaluate_top1(model, images, labels, batch_size=120),
+               "sqnr_db": float(10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum().clamp_min(1e-30))),
+               "agree": float((out.argmax(1) == ref.argmax(1)).float().mean()),
+               "min_layer_sqnr_db": min((v["sqnr_db"] for v in stats.get("layers", {}).values()), default=None)}
+        if engine_accuracy and options is not None:
+            for backend_name in ("openvino", "onnxruntime"):
+                engine, _ = build_engine(model, tmp / f"acc{model_label[:5]}{len(rows)}", backend_name,
+                                         "int8", 120)
+                row[f"top1_{backend_name}"] = evaluate_top1(lambda x: engine.run(x.numpy()), images,
+                                                            labels, batch_size=120)
+        rows.append(row)
+        log(f"{model_label} / {label}: top-1 {row['top1']:.4f}, logit SQNR {row['sqnr_db']:.1f} dB "
+            f"({time.perf_counter() - started:.0f}s)")
+    return rows
+
+
+# --- speed ------------------------------------------------------------------------------------
+def calibration_images(count: int) -> torch.Tensor:
+    from vitopt.data.folder import resolve_dataset
+    images, _, _ = resolve_dataset("builtin:digits", "calib", 224, (0.485, 0.456, 0.406),
+                                   (0.229, 0.224, 0.225), 3, limit=count)
+    return images
+
+
+def nncf_engine(plain_onnx: Path, calib: torch.Tensor, out: Path, max_batch: int):
+    import nncf
+    import openvino as ov
+    from vitopt.backends import get_backend
+    backend = get_backend("openvino")
+    files = backend.build(plain_onnx, out / "plain", precision="fp32", max_batch=max_batch)
+    model = ov.Core().read_model(str(out / "plain" / files[0]))
+    dataset = nncf.Dataset([calib[i:i + 1].numpy() for i in range(calib.shape[0])])
+    quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER,
+                              subset_size=calib.shape[0])
+    (out / "nncf").mkdir(parents=True, exist_ok=True)
+    ov.save_model(quantized, str(out / "nncf" / "model.xml"), compress_to_fp16=False)
+    return backend.load(out / "nncf", ["model.xml", "model.bin"], precision="int8")
+
+
+def ort_static_engine(plain_onnx: Path, calib: torch.Tensor, out: Path, max_batch: int):
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"images": calib[i:i + 1].numpy()} for i in range(calib.shape[0])])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "ort_qdq.onnx"
+    quantize_static(str(plain_onnx), str(path), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return load_onnx(path, out / "engine", "onnxruntime", "int8", max_batch)
+
+
+def speed(model_name, batches, backends, calib_count, runs, rounds, tmp: Path, log) -> list:
+    import timm
+    from vitopt.backends.openvino import int8_summary
+    from vitopt.frontend.trace import trace
+    from vitopt.lower.onnx_export import export_onnx
+    from vitopt.pipeline import PassContext, PassSpec, Pipeline, resolve_pipeline
+    from vitopt.timing import measure_interleaved
+
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False).eval()
+    calib = calibration_images(calib_count)
+    max_batch = max(batches)
+    started = time.perf_counter()
+    plain = export_onnx(model, torch.randn(2, 3, 224, 224), tmp / "plain.onnx")
+    ir = trace(model, torch.randn(2, 3, 224, 224))
+    specs = resolve_pipeline("lossless", ["quantize_int8"])
+    quantized = Pipeline(specs).run(ir, context=PassContext(calib=calib, calib_source="digits@224")).ir
+    vitopt_onnx = export_onnx(quantized, torch.randn(2, 3, 224, 224), tmp / "vitopt_int8.onnx")
+    log(f"{model_name}: traced, quantized (vitopt) and exported in {time.perf_counter() - started:.0f}s")
+    engines, kernels = {}, {}
+    if "openvino" in backends:
+        engines["openvino"] = {
+            "OV bf16 (plain)": load_onnx(plain, tmp / "ov_bf16", "openvino", "bf16", max_batch)[0],
+            "OV vitopt int8": load_onnx(vitopt_onnx, tmp / "ov_vitopt", "openvino", "int8", max_batch)[0],
+            "OV NNCF int8": nncf_engine(plain, calib, tmp / "ov_nncf", max_batch)}
+        for name, engine in engines["openvino"].items():
+            kernels[name] = int8_summary(engine)
+            log(f"{name}: {kernels[name]}")
+    if "onnxruntime" in backends:
+        engines["onnxruntime"] = {
+            "ORT fp32 (plain)": load_onnx(plain, tmp / "ort_fp32", "onnxruntime", "fp32", max_batch)[0],
+            "ORT vitopt int8": load_onnx(vitopt_onnx, tmp / "ort_vitopt", "onnxruntime", "int8", max_batch)[0],
+            "ORT quantize_static int8": ort_static_engine(plain, calib, tmp / "ort_static", max_batch)[0]}
+    log(f"built engines in {time.perf_counter() - started:.0f}s")
+    rows = []
+    for backend_name, group in engines.items():
+        for batch in batches:
+            images = np.random.default_rng(batch).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+            times = measure_interleaved({n: (lambda e=e: e.run(images)) for n, e in group.items()},
+                                        runs=runs, rounds=rounds)
+            base = min(times[n].median_ms for n in group if "vitopt" not in n)
+            for name, t in times.items():
+                rows.append({"model": model_name, "backend": backend_name, "engine": name, "batch": batch,
+                             "median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms,
+                             "samples": t.runs, "kernels": kernels.get(name),
+                             "vs_best_peer": t.median_ms / base})
+                log(f"{name} batch {batch}: {t.median_ms:.1f} ms (p10-p90 {t.p10_ms:.1f}-{t.p90_ms:.1f})")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--speed", action="store_true", help="also time DeiT-S/16 engines")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--engine-accuracy", action="store_true",
+                        help="proxy top-1 on the OpenVINO and ORT int8 engines too")
+    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--speed-backends", default="openvino,onnxruntime")
+    parser.add_argument("--calib-images", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    batches = sorted(int(b) for b in args.batches.split(","))
+
+    def log(message):
+        print(message, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="vitopt-quant-bench-") as tmp:
+        tmp = Path(tmp)
+        acc = [] if args.skip_accuracy else accuracy(args.engine_accuracy, tmp, log)
+        timing = (speed(args.model, batches, args.speed_backends.split(","), args.calib_images,
+                        args.runs, args.rounds, tmp, log) if args.speed else [])
+    md = "# int8 quantization: vitopt vs naive min/max (digits proxy) and DeiT-S speed\n\n"
+    md += f"Command: `python benchmarks/quantization.py {' '.join(argv or sys.argv[1:])}`\n\n"
+    if acc:
+        md += ("Proxy: builtin:digits-vit (a PROXY, not ImageNet), calibrated on `calib` (180 images), "
+               "top-1 on held-out `test` (360 images), reference executor (fake quant).\n\n")
+        md += markdown_table(acc, [("model", "model", "{}"), ("setting", "setting", "{}"), ("top1", "top-1", "{:.4f}"),
+                                   ("top1_openvino", "top-1 OV int8", "{:.4f}"),
+                                   ("top1_onnxruntime", "top-1 ORT int8", "{:.4f}"),
+                                   ("sqnr_db", "logit SQNR dB", "{:.1f}"),
+                                   ("agree", "agrees with fp32", "{:.4f}"),
+                                   ("min_layer_sqnr_db", "worst layer SQNR dB", "{:.1f}")]) + "\n"
+    if timing:
+        md += (f"Speed: {args.model} random init, medians of {args.runs} runs x {args.rounds} "
+               f"interleaved rounds, same run; ratio vs the best non-vitopt engine of that backend.\n\n")
+        md += markdown_table(timing, [("backend", "backend", "{}"), ("engine", "engine", "{}"),
+                                      ("batch", "batch", "{}"), ("median_ms", "median ms", "{:.1f}"),
+                                      ("p10_ms", "p10", "{:.1f}"), ("p90_ms", "p90", "{:.1f}"),
+                                      ("vs_best_peer", "vs best peer", "x{:.2f}")])
+    stem = "quantization" + ("_speed" if timing and not acc else "")
+    out = write_results(stem, acc + timing, md, {"args": vars(args)})
+    print(md)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""Post-training int8 quantization of the encoder's linears, calibrated on images (lossy).
+
+What: every Linear inside the attention and MLP stages (qkv or q/k/v, proj, fc1, fc2) becomes
+a `QuantLinear` (vitopt.ir.quant): int8 weights, symmetric per output channel; a u8 input
+quantized per tensor with a range calibrated by running calibration images through the IR's
+reference executor. The IR then runs as fake quantization, so its output is the quantized
+model's reference, and the ONNX lowering carries the same Q/DQ pairs (weights: per-channel
+DequantizeLinear of int8 initializers; activations: QuantizeLinear -> DequantizeLinear before
+the MatMul; bias and LayerNorm outside any Q/DQ). ViT-specific handling:
+  * LayerNorm outputs have a few outlier channels. Scale balancing (SmoothQuant; RepQ-ViT's
+    reparameterized LayerNorm) divides channel j of the LayerNorm affine by s_j and multiplies
+    input column j of the next linear(s) by s_j, s_j = max|X_j|^alpha / max|W_:j|^(1-alpha):
+    exact in fp32 (`smooth_layer_norms`), it moves the outliers into the per-channel weights.
+  * Post-GELU activations (fc2 input) are skewed: asymmetric u8 keeps the true minimum
+    (about -0.17) and only the upper end is clipped by the calibration method (PTQ4ViT's
+    twin-uniform observation, done here with one asymmetric range).
+  * Attention matmuls (q.K^T, P.V) stay in float by default, so engines keep their fused
+    attention kernels; `quantize_attention=true` quantizes q, k, v per tensor. The softmax
+    output is never min/max-quantized (FQ-ViT: its values span decades, min/max u8 rounds most
+    of them to zero), except with `quantize_softmax=true`, which exists only as the naive
+    baseline for benchmarks/quantization.py.
+Calibration methods for activation ranges: `minmax`, `percentile` (clip at the given
+percentile), `mse` (default: the clipping with the least squared fake-quant error on the
+calibration activations). Sensitivity: the layer-local SQNR of every quantized linear on the
+calibration data is recorded (stats["layers"]); `keep_sensitive=N` keeps the N lowest-SQNR
+layers in fp32 and `skip` names layers to keep in fp32 (e.g. `attn0.qkv,mlp5.fc2`);
+`max_accuracy_drop=P` (top-1 points, with labelled eval images in the PassContext, from
+`--eval`'s calib split so the held-out test split stays unseen) returns the lowest-SQNR layers
+to fp32 one at a time until the drop against fp32 is at most P.
+Data: the calibration images of the run's PassContext (`--calib builtin:digits|DIR`); without
+any, random images with a warning. Bad calibration data is a ConfigError.
+Preconditions: Attention/Mlp stages with float Linear layers; declines when there are none or
+the IR is already quantized. The classifier head and the stem stay in float.
+Order: last: after token reduction (merge_tokens, prune_tokens), ShiftAdd and early exits, so
+calibration sees the reduced graph; after fuse_qkv (one GEMM to quantize, one range, not three).
+Cost: on the digits proxy about 0-0.5 top-1 points (tests/test_quantize_accuracy.py; naive
+min/max with quantized softmax beside it in benchmarks/quantization.py).
+Papers: Xiao et al. 2023, "SmoothQuant" (ICML); Li et al. 2023, "RepQ-ViT" (ICCV); Lin et al.
+2022, "FQ-ViT" (IJCAI); Yuan et al. 2022, "PTQ4ViT" (ECCV).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from vitopt.errors import ConfigError
+from vitopt.ir.quant import ActQuant, AttentionQuant, QuantLinear, fake_quant_u8, quant_layers
+from vitopt.ir.stages import Attention, Mlp
+from vitopt.pipeline import PassConfig, PassResult, register_pass
+
+METHODS = ("minmax", "percentile", "mse")
+SAMPLE_PER_BATCH = 1 << 16  # values kept per tensor and batch for percentile / MSE ranges
+MSE_GRID = 40
+ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # searched per LayerNorm when alpha is unset
+SMOOTH_ROWS = 512  # sampled LayerNorm output rows used to choose alpha
+MSE_SAMPLE = 1 << 17  # values used to choose a range
+
+
+@dataclass(frozen=True)
+class QuantizeInt8Config(PassConfig):
+    method: str = "mse"
+    percentile: float = 99.99
+    smooth: bool = True
+    alpha: Optional[float] = None
+    quantize_attention: bool = False
+    quantize_softmax: bool = False
+    skip: Tuple[str, ...] = ()
+    keep_sensitive: int = 0
+    max_accuracy_drop: Optional[float] = None
+    calib_limit: int = 128
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"quantize_int8: method {self.method!r} is unknown; use one of "
+                              f"{', '.join(METHODS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"quantize_int8: percentile {self.percentile} must be in (50, 100]")
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"quantize_int8: alpha {self.alpha} must be in [0, 1]")
+        if self.quantize_softmax and not self.quantize_attention:
+            raise ConfigError("quantize_int8: quantize_softmax needs quantize_attention=true")
+        for name in ("keep_sensitive",):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"quantize_int8: {name} must be >= 0")
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise ConfigError(f"quantize_int8: max_accuracy_drop {self.max_accuracy_drop} must be "
+                              f">= 0 (top-1 points)")
+        if self.calib_limit < 2 or self.batch_size < 1:
+            raise ConfigError("quantize_int8: calib_limit must be >= 2 and batch_size >= 1")
+
+
+# --- the linears to quantize ---------------------------------------------------------------
+def _stage_name(stage) -> str:
+    return f"{stage.kind}{getattr(stage, 'block', '')}"
+
+
+def target_linears(ir) -> Dict[str, Tuple[nn.Module, str]]:
+    """{"attn0.qkv": (stage, attribute)} for every float Linear in attention and MLP stages."""
+    found = {}
+    for stage in ir.stages:
+        if isinstance(stage, (Attention, Mlp)):
+            for attr in ("qkv", "q", "k", "v", "proj", "fc1", "fc2"):
+                if type(getattr(stage, attr, None)) is nn.Linear:
+                    found[f"{_stage_name(stage)}.{attr}"] = (stage, attr)
+    return found
+
+
+def _norm_consumers(stage) -> List[nn.Linear]:
+    if isinstance(stage, Attention):
+        return [m for m in (stage.qkv, stage.q, stage.k, stage.v) if type(m) is nn.Linear]
+    return [stage.fc1] if type(stage.fc1) is nn.Linear else []
+
+
+def _run_batches(ir, images, batch_size):
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            ir(images[start:start + batch_size])
+
+
+# --- SmoothQuant / RepQ-ViT scale balancing (exact) ------------------------------------------
+def smooth_layer_norms(ir, images: torch.Tensor, alpha: Optional[float] = 0.5,
+                       batch_size: int = 32) -> Dict[str, Optional[float]]:
+    """Fold per-channel scales between each pre-norm LayerNorm and the linears it feeds.
+    Exact in fp32. `alpha=None` picks, per LayerNorm, the alpha in ALPHAS (or no balancing)
+    whose int8 fake-quant output of the next linears is closest to fp32 on sampled rows.
+    Returns {stage name: alpha used (None: left as is)}."""
+    stages = [s for s in ir.stages if isinstance(s, (Attention, Mlp)) and _norm_consumers(s)
+              and s.norm.weight is not None]
+    absmax, rows, hooks = {}, {}, []
+    gen = torch.Generator().manual_seed(0)
+    for stage in stages:
+        def hook(module, inputs, output, key=id(stage)):
+            flat = output.detach().reshape(-1, output.shape[-1])
+            m = flat.abs().amax(0)
+            absmax[key] = torch.maximum(absmax[key], m) if key in absmax else m
+            if key not in rows:
+                rows[key] = flat[torch.randint(flat.shape[0], (min(SMOOTH_ROWS, flat.shape[0]),),
+                                               generator=gen)]
+        hooks.append(stage.norm.register_forward_hook(hook))
+    try:
+        _run_batches(ir, images, batch_size)
+    finally:
+        for h in hooks:
+            h.remove()
+    chosen = {}
+    with torch.no_grad():
+        for stage in stages:
+            consumers = _norm_consumers(stage)
+            weight = torch.cat([c.weight for c in consumers])
+            w_max = weight.abs().amax(0).clamp_min(1e-5)
+            x_max = absmax[id(stage)].clamp_min(1e-5)
+
+            def scales(a):
+                return (x_max ** a / w_max ** (1 - a)).clamp(1e-2, 1e2)
+            if alpha is None:
+                x, ref = rows[id(stage)], rows[id(stage)] @ weight.t()
+                errors = {a: _int8_error(x, weight, scales(a) if a is not None else None, ref)
+                          for a in (None,) + ALPHAS}
+                best = min(errors, key=errors.get)
+            else:
+                best = alpha
+            chosen[_stage_name(stage)] = best
+            if best is None:
+                continue
+            s = scales(best)
+            stage.norm.weight.div_(s)
+            if stage.norm.bias is not None:
+                stage.norm.bias.div_(s)
+            for c in consumers:
+                c.weight.mul_(s)
+    return chosen
+
+
+def _int8_error(x, weight, s, ref) -> float:
+    """Squared error of int8 (x / s) @ (weight * s)^T against the float product."""
+    from vitopt.ir.quant import quantize_weight
+    if s is not None:
+        x, weight = x / s, weight * s
+    q, scale = quantize_weight(weight)
+    act = ActQuant(x.min().item(), x.max().item())
+    out = fake_quant_u8(x, act.scale, act.zero_point) @ (q.float() * scale[:, None]).t()
+    return (out - ref).pow(2).sum().item()
+
+
+# --- calibration -----------------------------------------------------------------------------
+class _Observer:
+    def __init__(self, gen):
+        self.lo, self.hi, self.samples, self.gen = math.inf, -math.inf, [], gen
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1).float()
+        self.lo, self.hi = min(self.lo, flat.min().item()), max(self.hi, flat.max().item())
+        if flat.numel() > SAMPLE_PER_BATCH:
+            flat = flat[torch.randint(flat.numel(), (SAMPLE_PER_BATCH,), generator=self.gen)]
+        self.samples.append(flat)
+
+    def range(self, method: str, percentile: float, keep_min: bool) -> Tuple[float, float]:
+        lo, hi = min(self.lo, 0.0), max(self.hi, 0.0)
+        if method == "minmax" or hi - lo <= 0:
+            return lo, hi
+        x = torch.cat(self.samples)
+        if x.numel() > MSE_SAMPLE:
+            x = x[torch.randint(x.numel(), (MSE_SAMPLE,), generator=self.gen)]
+        if method == "percentile":
+            p = torch.quantile(x, torch.tensor([1 - percentile / 100, percentile / 100]))
+            return (lo if keep_min else min(p[0].item(), 0.0)), max(p[1].item(), 0.0)
+        best, best_err = (lo, hi), math.inf
+        for ratio in torch.linspace(1.0 / MSE_GRID, 1.0, MSE_GRID).tolist():
+            cand = (lo if keep_min else lo * ratio, hi * ratio)
+            if cand[1] - cand[0] <= 0:
+                continue
+            q = ActQuant(*cand)
+            err = (fake_quant_u8(x, q.scale, q.zero_point) - x).pow(2).mean().item()
+            if err < best_err:
+                best, best_err = cand, err
+        return best
+
+
+def _calibrate(ir, images, targets, cfg) -> Dict[str, _Observer]:
+    gen = torch.Generator().manual_seed(0)
+    observers, hooks = {}, []
+    for name, (stage, attr) in targets.items():
+        observers[name] = _Observer(gen)
+        hooks.append(getattr(stage, attr).register_forward_pre_hook(
+            lambda m, args, obs=observers[name]: obs.add(args[0])))
+    if cfg.quantize_attention:
+        for stage in ir.attention_stages():
+            hooks.append(_attention_observer(stage, observers, gen, cfg.quantize_softmax))
+    try:
+        _run_batches(ir, images, cfg.batch_size)
+    finally:
+        for h in hooks:
+            h.remove()
+    return observers
+
+
+def _attention_observer(stage: Attention, observers, gen, softmax: bool):
+    """Observe q, k, v (and the softmax output) from the attention input through a hook on
+    the stage's norm: recompute the projections exactly as the stage does."""
+    name = _stage_name(stage)
+    for part in ("q", "k", "v") + (("softmax",) if softmax else ()):
+        observers[f"{name}.{part}"] = _Observer(gen)
+
+    def hook(module, inputs, h):
+        b, n, _ = h.shape
+        q, k, v = (t.reshape(b, n, stage.num_heads, stage.head_dim).transpose(1, 2)
+                   for t in stage.project_qkv(h))
+        for part, t in (("q", q), ("k", k), ("v", v)):
+            observers[f"{name}.{part}"].add(t)
+        if softmax:
+            observers[f"{name}.softmax"].add(((q @ k.transpose(-2, -1)) * stage.scale).softmax(-1))
+    return stage.norm.register_forward_hook(hook)
+
+
+# --- sensitivity -----------------------------------------------------------------------------
+def _layer_sqnr(ir, images, originals: Dict[str, nn.Linear], cfg) -> Dict[str, float]:
+    """Layer-local SQNR (dB): each QuantLinear against its float Linear on the same input."""
+    layers = quant_layers(ir)
+    signal = {name: 0.0 for name in layers}
+    noise = {name: 0.0 for name in layers}
+    hooks = []
+    for name, layer in layers.items():
+        def hook(module, args, out, name=name):
+            ref = originals[name](args[0])
+            signal[name] += ref.pow(2).sum().item()
+            noise[name] += (ref - out).pow(2).sum().item()
+        hooks.append(layer.register_forward_hook(hook))
+    try:
+        _run_batches(ir, images[:cfg.batch_size], cfg.batch_size)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: 10 * math.log10(max(signal[n], 1e-30) / max(noise[n], 1e-30)) for n in layers}
+
+
+def _fit_accuracy_budget(ir, targets, originals, sqnr, fallback, cfg, context) -> List[str]:
+    """Return layers to fp32, lowest SQNR first, until top-1 on the eval images drops by at
+    most cfg.max_accuracy_drop points against the float model."""
+    import warnings
+    from vitopt.data.proxy import evaluate_top1
+    if context.eval_labels is None:
+        warnings.warn("quantize_int8: max_accuracy_drop needs labelled --eval data; the budget was "
+                      "not applied", stacklevel=4)
+        return ["max_accuracy_drop not applied: no labelled eval data"]
+    images, labels = context.eval_images, context.eval_labels
+
+    def top1():
+        return evaluate_top1(ir, images, labels, batch_size=cfg.batch_size)
+
+    current = {n: getattr(*targets[n]) for n in targets}
+    attn = {id(s): s.attn_quant for s in ir.attention_stages()}
+    for n, (stage, attr) in targets.items():
+        setattr(stage, attr, originals[n])
+    for stage in ir.attention_stages():
+        stage.attn_quant = None
+    base = top1()  # the balanced float model: the same function as the input IR
+    for n, (stage, attr) in targets.items():
+        setattr(stage, attr, current[n])
+    for stage in ir.attention_stages():
+        stage.attn_quant = attn[id(stage)]
+    acc = top1()
+    for name in sorted((n for n in sqnr if n not in fallback), key=sqnr.get):
+        if 100 * (base - acc) <= cfg.max_accuracy_drop:
+            break
+        stage, attr = targets[name]
+        setattr(stage, attr, originals[name])
+        fallback[name] = (f"accuracy budget: top-1 drop {100 * (base - acc):.2f} > "
+                          f"{cfg.max_accuracy_drop} points (SQNR {sqnr[name]:.1f} dB)")
+        acc = top1()
+    return [f"accuracy budget: top-1 {base:.4f} float -> {acc:.4f} int8 on {len(labels)} eval "
+            f"images (drop {100 * (base - acc):.2f} points, budget {cfg.max_accuracy_drop})"]
+
+
+# --- the pass --------------------------------------------------------------------------------
+@register_pass("quantize_int8", config=QuantizeInt8Config, exact=False, uses_context=True)
+def quantize_int8(ir, cfg: QuantizeInt8Config, context) -> PassResult:
+    if quant_layers(ir):
+        return PassResult(ir, False, {}, ["the IR is already quantized"])
+    targets = target_linears(ir)
+    if not targets:
+        return PassResult(ir, False, {}, ["nothing to quantize: no Linear layers in attention "
+                                          "or MLP stages"])
+    unknown = sorted(set(cfg.skip) - set(targets))
+    if unknown:
+        raise ConfigError(f"quantize_int8: skip names {unknown} are not layers of this model; "
+                          f"layers: {', '.join(targets)}")
+    from vitopt.data.calib import check_calibration, synthetic_calibration
+    notes = []
+    h, w = ir.meta.image_size
+    if context.calib is None:
+        images, source = synthetic_calibration(ir.meta.in_chans, (h, w)), "synthetic random"
+        notes.append("calibrated on SYNTHETIC random images (no --calib given)")
+    else:
+        images, source = context.calib, context.calib_source or "given images"
+    images = check_calibration(images[:cfg.calib_limit], ir.meta.in_chans, (h, w), where=source)
+
+    alphas = smooth_layer_norms(ir, images, cfg.alpha, cfg.batch_size) if cfg.smooth else {}
+    smoothed = sum(a is not None for a in alphas.values())
+    observers = _calibrate(ir, images, targets, cfg)
+    ranges, originals = {}, {}
+    for name, (stage, attr) in targets.items():
+        keep_min = attr == "fc2"  # post-GELU: asymmetric, keep the true minimum
+        lo, hi = observers[name].range(cfg.method, cfg.percentile, keep_min)
+        try:
+            quant = ActQuant(lo, hi, cfg.method + ("/keep-min" if keep_min else ""))
+        except ValueError as exc:
+            raise ConfigError(f"quantize_int8: {name}: {exc}; use other calibration images") from exc
+        originals[name] = getattr(stage, attr)
+        setattr(stage, attr, QuantLinear(originals[name], quant))
+        ranges[name] = quant.to_dict()
+    if cfg.quantize_attention:
+        for stage in ir.attention_stages():
+            name = _stage_name(stage)
+            parts = [ActQuant(*observers[f"{name}.{p}"].range(cfg.method, cfg.percentile, False),
+                              cfg.method) for p in ("q", "k", "v")]
+            soft = (ActQuant(*observers[f"{name}.softmax"].range("minmax", 100.0, False), "minmax")
+                    if cfg.quantize_softmax else None)
+            stage.attn_quant = AttentionQuant(*parts, softmax=soft)
+
+    sqnr = _layer_sqnr(ir, images, originals, cfg)
+    fallback = {n: "named in skip" for n in cfg.skip}
+    for name in sorted(sqnr, key=sqnr.get)[:cfg.keep_sensitive]:
+        fallback.setdefault(name, f"lowest SQNR ({sqnr[name]:.1f} dB)")
+    for name, why in fallback.items():
+        stage, attr = targets[name]
+        setattr(stage, attr, originals[name])
+    if cfg.max_accuracy_drop is not None:
+        notes += _fit_accuracy_budget(ir, targets, originals, sqnr, fallback, cfg, context)
+    for stage in ir.stages:
+        if isinstance(stage, (Attention, Mlp)):
+            kinds = {type(getattr(stage, a, None))
+                     for a in ("qkv", "q", "k", "v", "proj", "fc1", "fc2")}
+            if QuantLinear in kinds:
+                stage.precision = "int8" if nn.Linear not in kinds else "int8+fp32"
+    quantized = len(targets) - len(fallback)
+    notes.append(f"int8: {quantized} of {len(targets)} linears (weights per channel, activations "
+                 f"per tensor, {cfg.method}), {smoothed} of {len(alphas)} LayerNorms balanced "
+                 f"(alpha {'searched' if cfg.alpha is None else cfg.alpha}), "
+                 f"attention matmuls {'int8' if cfg.quantize_attention else 'float'}; calibrated "
+                 f"on {images.shape[0]} images ({source})")
+    if fallback:
+        notes.append("kept in fp32: " + ", ".join(f"{n} ({why})" for n, why in fallback.items()))
+    stats = {"method": cfg.method, "calib_images": int(images.shape[0]), "calib_source": source,
+             "smoothed_norms": smoothed, "alphas": alphas, "quantized": quantized, "fallback": fallback,
+             "layers": {n: {"range": ranges[n], "sqnr_db": round(sqnr[n], 2),
+                            "precision": "fp32" if n in fallback else "int8"} for n in targets}}
+    return PassResult(ir, True, stats, notes)

@@ -1,0 +1,189 @@
+"""quantize_int8: structure, exact LayerNorm balancing, numerics vs eager, engines vs the IR's
+fake-quant reference (ORT and OpenVINO, real int8 kernels), declines, bad config and bad
+calibration data, composition after token merging, compile with --precision int8."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from pass_checks import check_declines, check_engines_match, check_lossy_pass, run_pass
+from vitopt.errors import ConfigError
+from vitopt.ir.quant import QuantLinear, quant_layers
+from vitopt.pipeline import PassContext, PassSpec, Pipeline, resolve_pipeline
+from vitopt.tolerances import compare
+
+FAMILIES = ["timm_vit", "hf_vit", "timm_vit_mean_pool"]
+
+
+def calib_for(ir, count=24, seed=3):
+    h, w = ir.meta.image_size
+    return torch.randn(count, ir.meta.in_chans, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def quantize(ir, images=None, **options):
+    context = PassContext(calib=images if images is not None else calib_for(ir), calib_source="test")
+    return Pipeline([PassSpec("quantize_int8", options)]).run(ir, context=context)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_structure_and_numerics_vs_eager(family, traced_family):
+    _, example, ir = traced_family(family)
+
+    def structure(new):
+        layers = quant_layers(new)
+        assert layers and all(isinstance(m, QuantLinear) for m in layers.values())
+        for stage in new.blocks():
+            assert stage.precision == "int8"
+            assert type(stage.norm) is nn.LayerNorm  # LayerNorm stays float
+        assert all(s.attn_quant is None for s in new.attention_stages())  # fused attention kept
+        for layer in layers.values():
+            assert layer.weight_q.dtype == torch.int8 and layer.weight_q.abs().max() <= 127
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # synthetic calibration warns; tested below
+        result = check_lossy_pass(ir, "quantize_int8", structure, example)
+    with torch.no_grad():
+        cmp = compare(result.ir(example), ir(example), "int8", "torch")
+    assert cmp.ok, cmp
+
+
+def test_layer_norm_balancing_alone_is_exact(traced_family):
+    from vitopt.passes.quantize_int8 import smooth_layer_norms
+    _, example, ir = traced_family("hf_vit")  # separate q/k/v: one scale for three consumers
+    smoothed = ir.clone()
+    with torch.no_grad():
+        for stage in smoothed.blocks():  # give the LayerNorm outputs outlier channels
+            stage.norm.weight[::5] *= 30.0
+        reference = smoothed(example)
+        assert len(smooth_layer_norms(smoothed, calib_for(ir), alpha=0.5)) == 2 * ir.num_blocks
+        diff = (smoothed(example) - reference).abs().max().item()
+    assert diff <= 1e-4 * max(1.0, reference.abs().max().item()), diff
+
+
+@pytest.mark.parametrize("family,options", [("timm_vit", {}), ("hf_vit", {"method": "percentile"}),
+                                            ("timm_vit", {"quantize_attention": True,
+                                                          "method": "minmax"})])
+def test_engines_match_the_fake_quant_reference(family, options, traced_family, tmp_path):
+    from vitopt.backends.onnxruntime import int8_summary as ort_summary
+    from vitopt.backends.openvino import int8_summary as ov_summary
+    from vitopt.lower.onnx_export import export_onnx, onnx_op_counts
+    _, example, ir = traced_family(family)
+    quantized = quantize(ir, **options).ir
+    expected = len(quant_layers(quantized))
+    ops = onnx_op_counts(export_onnx(quantized, example, tmp_path / "probe.onnx"))
+    attention_q = 3 * ir.num_blocks if options.get("quantize_attention") else 0
+    # one DQ per int8 weight, one Q->DQ pair per activation (q/k/v of one input share theirs)
+    assert ops["DequantizeLinear"] - ops["QuantizeLinear"] == expected
+    if family != "hf_vit":
+        assert ops["QuantizeLinear"] == expected + attention_q
+    engines = check_engines_match(quantized, example, tmp_path, precision="int8")
+    assert ort_summary(engines["onnxruntime"][1])["int8_linears"] >= expected
+    summary = ov_summary(engines["openvino"][0])
+    assert summary["int8_linears"] >= expected, summary
+    if not options.get("quantize_attention"):
+        assert summary["fused_attention"], summary  # attention still fused
+
+
+def test_composes_after_token_merging(traced_family):
+    _, example, ir = traced_family("timm_vit")
+    specs = resolve_pipeline("none", ["merge_tokens:r=2", "quantize_int8"])
+    result = Pipeline(specs).run(ir, context=PassContext(calib=calib_for(ir)))
+    assert [r.modified for r in result.records] == [True, True]
+    assert result.ir.token_counts() == Pipeline(specs[:1]).run(ir).ir.token_counts()
+    with torch.no_grad():
+        assert torch.isfinite(result.ir(example)).all()
+
+
+def test_declines_cleanly(traced_family):
+    _, _, ir = traced_family("timm_vit")
+    once = quantize(ir).ir
+    check_declines(once, "quantize_int8", "already quantized")
+    from vitopt.ir.encoder import EncoderIR
+    clone = ir.clone()
+    no_blocks = EncoderIR([s for s in clone.stages if s not in clone.blocks()], ir.meta)
+    check_declines(no_blocks, "quantize_int8", "nothing to quantize")
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"method": "entropy"}, "method"), ({"percentile": 30}, "percentile"),
+    ({"alpha": 1.5}, "alpha"), ({"quantize_softmax": True}, "quantize_attention"),
+    ({"keep_sensitive": -1}, "keep_sensitive"), ({"calib_limit": 1}, "calib_limit"),
+])
+def test_bad_config_is_a_config_error(options, match):
+    with pytest.raises(ConfigError, match=match):
+        PassSpec("quantize_int8", options).config()
+
+
+def test_skip_and_keep_sensitive_fall_back_to_fp32(traced_family):
+    _, _, ir = traced_family("timm_vit")
+    result = quantize(ir, skip=("attn0.qkv",), keep_sensitive=1)
+    stats = result.records[0].stats
+    assert len(stats["fallback"]) == 2 and "attn0.qkv" in stats["fallback"]
+    kept = [n for n, row in stats["layers"].items() if row["precision"] == "fp32"]
+    assert sorted(kept) == sorted(stats["fallback"])
+    assert type(result.ir.stages[1].qkv) is nn.Linear and result.ir.stages[1].precision == "int8+fp32"
+    with pytest.raises(ConfigError, match="not layers of this model"):
+        quantize(ir, skip=("attn99.qkv",))
+
+
+def test_bad_calibration_data_is_refused(traced_family):
+    _, _, ir = traced_family("timm_vit")
+    h, w = ir.meta.image_size
+    with pytest.raises(ConfigError, match="at least 2 images"):
+        quantize(ir, calib_for(ir, count=1))
+    with pytest.raises(ConfigError, match="channel"):
+        quantize(ir, torch.randn(8, 1, h, w))
+    with pytest.raises(ConfigError, match="constant"):
+        quantize(ir, torch.zeros(8, 3, h, w))
+    with pytest.raises(ConfigError, match="NaN"):
+        quantize(ir, torch.full((8, 3, h, w), float("nan")))
+    with pytest.warns(UserWarning, match="only 4 images"):
+        quantize(ir, calib_for(ir, count=4))
+    with pytest.warns(UserWarning, match="synthetic random"):
+        result = run_pass(ir, "quantize_int8")
+    assert any("SYNTHETIC" in n for n in result.records[0].notes)
+
+
+def test_calibration_folder_errors(tmp_path):
+    from vitopt.data.calib import calibration_context
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="empty"):
+        calibration_context(str(tmp_path / "empty"), (32, 32), 3, None, None)
+    context = calibration_context("builtin:digits", (32, 32), 3, None, None, limit=20)
+    assert context.calib.shape == (20, 3, 32, 32) and context.calib_source == "builtin:digits"
+
+
+def test_compile_int8_checks_kernels_and_records_ranges(traced_family, tmp_path):
+    from vitopt.compiler import compile_model
+    _, _, ir = traced_family("timm_vit")
+    report = compile_model(ir, tmp_path / "art", backend="openvino", precision="int8",
+                           measure=False, passes=("quantize_int8:calib_limit=8",))
+    quant = report.manifest["quantization"]
+    assert report.manifest["precision"] == "int8"
+    assert quant["engine"]["int8_linears"] >= quant["quantized"] > 0
+    assert quant["method"] == "mse" and all("range" in row for row in quant["layers"].values())
+    assert {row["precision"] for row in report.manifest["stages"] if row["kind"] == "mlp"} == {"int8"}
+    with pytest.raises(ConfigError, match="precision int8"):
+        compile_model(ir, tmp_path / "bad", precision="fp32", measure=False,
+                      passes=("quantize_int8",))
+
+
+def test_compile_max_accuracy_drop_needs_eval():
+    from vitopt.compiler import CompileOptions
+    with pytest.raises(ConfigError, match="needs --eval"):
+        CompileOptions(max_accuracy_drop=0.5)
+
+
+def test_accuracy_budget_without_labels_warns(traced_family):
+    _, _, ir = traced_family("timm_vit")
+    with pytest.warns(UserWarning, match="needs labelled --eval"):
+        quantize(ir, max_accuracy_drop=1.0)
+    with pytest.raises(ConfigError, match="max_accuracy_drop"):
+        PassSpec("quantize_int8", {"max_accuracy_drop": -1}).config()
+
+
+def test_stage_table_counts_int8_weights(traced_family):
+    _, _, ir = traced_family("timm_vit")
+    quantized = quantize(ir).ir
+    assert [r["params"] for r in quantized.table()] == [r["params"] for r in ir.table()]

@@ -1,0 +1,74 @@
+"""int8 on the accuracy proxy: builtin:digits-vit, calibrated on the `calib` split (180 images),
+top-1 on the held-out `test` split (360 images). A PROXY (a small ViT trained on scikit-learn
+digits), not ImageNet. Naive min/max beside it: benchmarks/quantization.py."""
+import pytest
+import torch
+
+from vitopt.pipeline import PassContext, PassSpec, Pipeline
+
+MAX_LOSS_POINTS = 0.5
+
+
+@pytest.fixture(scope="module")
+def proxy():
+    from vitopt.data.digits import load_digits_split
+    from vitopt.data.proxy import build_digits_vit, evaluate_top1
+    from vitopt.frontend.trace import trace
+
+    images, labels = load_digits_split("test")
+    calib, _ = load_digits_split("calib")
+    ir = trace(build_digits_vit(), images[:2])
+
+    def top1(model):
+        return evaluate_top1(model, images, labels, batch_size=120)
+    return ir, calib, images, top1, top1(ir)
+
+
+@pytest.mark.parametrize("options", [{}, {"method": "percentile"}, {"quantize_attention": True}])
+def test_int8_loses_at_most_half_a_point(proxy, options):
+    ir, calib, images, top1, base = proxy
+    context = PassContext(calib=calib, calib_source="builtin:digits calib")
+    quantized = Pipeline([PassSpec("quantize_int8", options)]).run(ir, context=context).ir
+    assert 100 * (base - top1(quantized)) <= MAX_LOSS_POINTS
+    with torch.no_grad():  # and the logits stay close to fp32 (SQNR > 20 dB)
+        ref, out = ir(images), quantized(images)
+    sqnr = 10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum())
+    assert sqnr > 20, sqnr
+
+
+def with_outlier_channels(ir, factor=300.0):
+    """The same function with LayerNorm outlier channels (as in large trained ViTs): channel 0
+    of every pre-norm LayerNorm x factor, the next linears' input column 0 / factor."""
+    ir = ir.clone()
+    with torch.no_grad():
+        for stage in ir.blocks():
+            stage.norm.weight[0] *= factor
+            stage.norm.bias[0] *= factor
+            for layer in (stage.qkv if hasattr(stage, "qkv") else stage.fc1,):
+                layer.weight[:, 0] /= factor
+    return ir
+
+
+def test_balancing_rescues_outlier_channels_and_budget_falls_back(proxy):
+    ir, calib, images, top1, base = proxy
+    outliers = with_outlier_channels(ir)
+    assert abs(top1(outliers) - base) < 1e-9  # the same function in fp32
+    context = PassContext(calib=calib)
+    naive = Pipeline([PassSpec("quantize_int8", {"smooth": False, "method": "minmax"})]).run(
+        outliers, context=context).ir
+    vitopt = Pipeline([PassSpec("quantize_int8")]).run(outliers, context=context).ir
+    assert 100 * (base - top1(vitopt)) <= MAX_LOSS_POINTS
+    naive_drop = 100 * (base - top1(naive))
+    assert naive_drop > 5 * MAX_LOSS_POINTS, naive_drop
+    # the budget returns the most sensitive layers to fp32 until inside it (decided on calib)
+    from vitopt.data.digits import load_digits_split
+    calib_images, calib_labels = load_digits_split("calib")
+    context = PassContext(calib=calib, eval_images=calib_images, eval_labels=calib_labels)
+    spec = PassSpec("quantize_int8", {"smooth": False, "method": "minmax", "max_accuracy_drop": 0.5})
+    result = Pipeline([spec]).run(outliers, context=context)
+    stats = result.records[0].stats
+    budget = [n for n, why in stats["fallback"].items() if why.startswith("accuracy budget")]
+    sqnr = {n: row["sqnr_db"] for n, row in stats["layers"].items()}
+    kept_int8 = [v for n, v in sqnr.items() if n not in budget]
+    assert budget and max(sqnr[n] for n in budget) <= min(kept_int8) + 0.01  # lowest SQNR first
+    assert 100 * (base - top1(result.ir)) < naive_drop

@@ -1,0 +1,145 @@
+"""Explicit int8 quantization in the encoder IR: fake-quant modules the reference executor runs.
+
+The IR's output with these modules in place IS the quantized model's reference: every value
+that the engine will see as int8 is quantized and dequantized here with the same scale and
+zero point, using torch's `quantized_decomposed` ops. The ONNX exporter turns those ops into
+QuantizeLinear/DequantizeLinear nodes, so the lowering carries the precision explicitly:
+
+  activation (fp32) -> Q(u8, per tensor) -> DQ -> MatMul(x, DQ(int8 weight [in, out], per
+  output channel, axis 1)) -> Add(bias)
+
+The weight is stored transposed ([in, out]) so MatMul reads the DequantizeLinear output
+directly (a Transpose between them hides the int8 weight from the engines' pattern matchers),
+and the bias is added after the MatMul, outside the Q/DQ pair.
+
+* `ActQuant`   per-tensor affine activation quantizer (u8, scale, zero point, how chosen).
+* `QuantLinear` drop-in for nn.Linear inside Attention/Mlp stages (same in/out features,
+  `.weight`/`.bias` give the dequantized float weights), with an optional input ActQuant.
+* `AttentionQuant` optional fake quantization of q, k, v (and, for the naive baseline only,
+  the softmax output), installed as `Attention.attn_quant`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
+import torch.nn.functional as F
+from torch import nn
+
+_qd = torch.ops.quantized_decomposed
+WEIGHT_QMAX = 127  # symmetric int8 weights use [-127, 127] (no -128: VNNI-safe, symmetric)
+
+
+def affine_params(lo: float, hi: float) -> tuple:
+    """(scale, zero_point) of a u8 affine quantizer covering [lo, hi] (which must hold 0)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / 255.0
+    if not scale > 0:
+        raise ValueError(f"activation range [{lo}, {hi}] is empty; the calibration data gives this "
+                         f"tensor a constant value")
+    zero_point = int(min(255, max(0, round(-lo / scale))))
+    return scale, zero_point
+
+
+def fake_quant_u8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    q = _qd.quantize_per_tensor(x, scale, zero_point, 0, 255, torch.uint8)
+    return _qd.dequantize_per_tensor(q, scale, zero_point, 0, 255, torch.uint8)
+
+
+class ActQuant(nn.Module):
+    """Per-tensor u8 fake quantization with a calibrated range."""
+
+    def __init__(self, lo: float, hi: float, method: str = "minmax"):
+        super().__init__()
+        self.scale, self.zero_point = affine_params(lo, hi)
+        self.lo, self.hi, self.method = float(lo), float(hi), method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant_u8(x, self.scale, self.zero_point)
+
+    def to_dict(self) -> dict:
+        return {"lo": self.lo, "hi": self.hi, "scale": self.scale, "zero_point": self.zero_point,
+                "method": self.method}
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple:
+    """Per-output-channel symmetric int8: (q [out, in] int8, scale [out])."""
+    absmax = weight.detach().abs().amax(dim=1).clamp_min(1e-12)
+    scale = (absmax / WEIGHT_QMAX).float()
+    q = torch.round(weight.detach() / scale[:, None]).clamp(-WEIGHT_QMAX, WEIGHT_QMAX)
+    return q.to(torch.int8), scale
+
+
+class QuantLinear(nn.Module):
+    """int8 per-channel weights, u8 per-tensor input, fp32 bias and accumulation output."""
+
+    def __init__(self, linear: nn.Linear, input_quant: ActQuant):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, scale = quantize_weight(linear.weight)
+        self.register_buffer("weight_q", q.t().contiguous())  # [in, out]
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_zero", torch.zeros(self.out_features, dtype=torch.int64))
+        self.bias = (nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None
+                     else None)
+        self.input_quant = input_quant
+        self.sqnr_db: Optional[float] = None  # filled in by the pass (layer-local, calibration)
+
+    def dequantized_weight_t(self) -> torch.Tensor:
+        return _qd.dequantize_per_channel(self.weight_q, self.weight_scale, self.weight_zero, 1,
+                                          -128, 127, torch.int8)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight [out, in], like nn.Linear.weight (for passes and FLOP counts)."""
+        return self.dequantized_weight_t().t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.matmul(self.input_quant(x), self.dequantized_weight_t())
+        return out + self.bias if self.bias is not None else out
+
+    def to_linear(self) -> nn.Linear:
+        """The float Linear with the dequantized weights (a fallback keeps the rounding-free
+        original; see quantize_int8)."""
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            layer.weight.copy_(self.weight)
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        q = self.input_quant
+        return (f"{self.in_features}->{self.out_features}, w int8/ch, x u8 scale {q.scale:.3g} "
+                f"zp {q.zero_point} ({q.method})")
+
+
+class AttentionQuant(nn.Module):
+    """Fake-quantized attention matmul inputs: q, k, v per tensor (u8); softmax output only when
+    `softmax` holds a quantizer (the naive baseline: min/max u8 on probabilities, which rounds
+    most small probabilities to zero). Explicit matmuls: engines cannot fuse this attention."""
+
+    def __init__(self, q: ActQuant, k: ActQuant, v: ActQuant, softmax: Optional[ActQuant] = None):
+        super().__init__()
+        self.q, self.k, self.v, self.softmax = q, k, v, softmax
+
+    def forward(self, q, k, v, mask, scale: float) -> torch.Tensor:
+        q, k, v = self.q(q), self.k(k), self.v(v)
+        if self.softmax is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        logits = (q @ k.transpose(-2, -1)) * scale
+        if mask is not None:
+            logits = logits + mask
+        return self.softmax(logits.softmax(dim=-1)) @ v
+
+
+def quant_layers(ir) -> dict:
+    """{"attn3.qkv": QuantLinear, ...} over the IR's stages."""
+    found = {}
+    for stage in ir.stages:
+        prefix = f"{stage.kind}{getattr(stage, 'block', '')}"
+        for name, module in stage.named_children():
+            if isinstance(module, QuantLinear):
+                found[f"{prefix}.{name}"] = module
+    return found
