@@ -90,3 +90,14 @@ def check_engines_match(ir, images: torch.Tensor, tmp_path, backends=("onnxrunti
             result = compare(engine.run(x.numpy()), expected, precision, backend_name)
             assert result.ok, f"{backend_name} batch {batch}: {result}"
     return engines
+
+
+def check_runs_or_declines(ir, name: str, images, tmp_path, declines: dict, family: str, **options):
+    """The pass either declines with the expected note for `family`, or its engines match the IR."""
+    result = run_pass(ir, name, **options)
+    record = result.records[0]
+    if family in declines:
+        assert not record.modified and declines[family] in record.notes[0], record.notes
+        return
+    assert record.modified, record.notes
+    check_engines_match(result.ir, images, tmp_path)

@@ -5,6 +5,7 @@ import torch
 
 from model_zoo import FAMILIES
 from pass_checks import (check_declines, check_engines_match, check_identity, check_lossy_pass,
+                         check_runs_or_declines,
                          run_pass)
 from vitopt.errors import ConfigError
 from vitopt.ir.reduce import TIE_STEP, MergeTokens
@@ -96,13 +97,7 @@ def test_merge_tokens_structure_and_table(traced_family):
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_merge_tokens_runs_on_every_engine(family, traced_family, tmp_path):
     _, images, ir = traced_family(family)
-    result = run_pass(ir, "merge_tokens", r=3)
-    record = result.records[0]
-    if family in DECLINES:
-        assert not record.modified and DECLINES[family] in record.notes[0], record.notes
-        return
-    assert record.modified, record.notes
-    check_engines_match(result.ir, images, tmp_path)
+    check_runs_or_declines(ir, "merge_tokens", images, tmp_path, DECLINES, family, r=3)
 
 
 def test_merge_without_proportional_attention_and_with_a_schedule(traced_family, tmp_path):
