@@ -38,7 +38,7 @@ class CompileOptions:
     backend: Optional[str] = _opt(None, "engine to use (default: the target's best available)")
     precision: str = _opt("auto", "fp32, bf16, int8 (adds the quantize_int8 pass), or auto (the "
                                   "fastest this hardware runs well; int8 when quantize_int8 runs)")
-    preset: str = _opt("none", "named pass pipeline: none, lossless")
+    preset: str = _opt("none", "named pass pipeline (see `vitopt passes`: none, lossless, balanced, fast)")
     passes: Tuple[str, ...] = _opt((), "add or override a pass: name[:key=value...] (repeatable)",
                                    cli_name="pass", repeat=True)
     max_batch: int = _opt(8, "largest batch the engine takes in one run")
