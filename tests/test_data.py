@@ -12,14 +12,6 @@ from vitopt.data.folder import load_image_folder, load_images, resolve_dataset
 from vitopt.errors import ConfigError, InputError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(min(2, old))
-    yield
-    torch.set_num_threads(old)
-
-
 def _png(path, color, size=(20, 12), mode="RGB"):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, size, color).save(path)

@@ -10,14 +10,6 @@ from vitopt.data.digits import load_digits_split
 from vitopt.errors import InputError, ModelLoadError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(min(2, old))
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def timm_model():
     return proxy.build_digits_vit()
