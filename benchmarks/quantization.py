@@ -181,13 +181,19 @@ def speed(model_name, batches, backends, calib_count, runs, rounds, tmp: Path, l
     specs = resolve_pipeline("lossless", ["quantize_int8"])
     quantized = Pipeline(specs).run(ir, context=PassContext(calib=calib, calib_source="digits@224")).ir
     vitopt_onnx = export_onnx(quantized, torch.randn(2, 3, 224, 224), tmp / "vitopt_int8.onnx")
+    # int8 after token merging: calibrated on the already-reduced IR, as the pipeline orders it.
+    merged = Pipeline(resolve_pipeline("balanced", ["quantize_int8"])).run(
+        ir, context=PassContext(calib=calib, calib_source="digits@224")).ir
+    merged_onnx = export_onnx(merged, torch.randn(2, 3, 224, 224), tmp / "vitopt_int8_balanced.onnx")
     log(f"{model_name}: traced, quantized (vitopt) and exported in {time.perf_counter() - started:.0f}s")
     engines, kernels = {}, {}
     if "openvino" in backends:
         engines["openvino"] = {
             "OV bf16 (plain)": load_onnx(plain, tmp / "ov_bf16", "openvino", "bf16", max_batch)[0],
             "OV vitopt int8": load_onnx(vitopt_onnx, tmp / "ov_vitopt", "openvino", "int8", max_batch)[0],
-            "OV NNCF int8": nncf_engine(plain, calib, tmp / "ov_nncf", max_batch)}
+            "OV NNCF int8": nncf_engine(plain, calib, tmp / "ov_nncf", max_batch),
+            "OV vitopt int8 + balanced": load_onnx(merged_onnx, tmp / "ov_vitopt_merged", "openvino",
+                                                   "int8", max_batch)[0]}
         for name, engine in engines["openvino"].items():
             kernels[name] = int8_summary(engine)
             log(f"{name}: {kernels[name]}")
@@ -195,7 +201,9 @@ def speed(model_name, batches, backends, calib_count, runs, rounds, tmp: Path, l
         engines["onnxruntime"] = {
             "ORT fp32 (plain)": load_onnx(plain, tmp / "ort_fp32", "onnxruntime", "fp32", max_batch)[0],
             "ORT vitopt int8": load_onnx(vitopt_onnx, tmp / "ort_vitopt", "onnxruntime", "int8", max_batch)[0],
-            "ORT quantize_static int8": ort_static_engine(plain, calib, tmp / "ort_static", max_batch)[0]}
+            "ORT quantize_static int8": ort_static_engine(plain, calib, tmp / "ort_static", max_batch)[0],
+            "ORT vitopt int8 + balanced": load_onnx(merged_onnx, tmp / "ort_vitopt_merged", "onnxruntime",
+                                                    "int8", max_batch)[0]}
     log(f"built engines in {time.perf_counter() - started:.0f}s")
     rows = []
     for backend_name, group in engines.items():

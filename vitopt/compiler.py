@@ -143,7 +143,6 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
     from vitopt.artifact import input_spec, output_spec, write_artifact
     from vitopt.backends import get_backend
     from vitopt.lower.onnx_export import export_onnx
-    from vitopt.tolerances import require_close
 
     backend = get_backend(backend_name)
     example = probe_images(ir, min(3, options.max_batch))
@@ -166,11 +165,7 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
         log(f"built the {backend_name} engine in {time.perf_counter() - step:.1f}s")
         int8 = verify_int8(backend_name, engine, build_dir, files, ir, log) if precision == "int8" else None
 
-        with torch.no_grad():
-            expected = ir(example).numpy()
-        check = require_close(engine.run(example.numpy()), expected, precision, backend_name,
-                              what=f"the {backend_name} {precision} engine")
-        log(f"engine matches the IR: max abs diff {check.max_abs:.2e}, cosine {check.cos_sim:.6f}")
+        check = check_engine(ir, engine, example, precision, backend_name, log)
 
         report = CompileReport(Path(output), {}, result, engine_max_abs_diff=check.max_abs)
         if options.eval:
@@ -197,7 +192,8 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
                          "after": report.accuracy_after},
             "latency": [{"batch": row.batch, "eager": row.eager.to_dict() if row.eager else None,
                          "engine": row.engine.to_dict()} for row in report.latency],
-            "checks": {"engine_vs_ir_max_abs": check.max_abs, "engine_vs_ir_cosine": check.cos_sim},
+            "checks": {"engine_vs_ir_max_abs": check.max_abs, "engine_vs_ir_cosine": check.cos_sim,
+                       "engine_vs_ir_ok": check.ok},
             "compile": {"vitopt_version": __version__, "options": _options_dict(options)},
         }
         if int8 is not None:
@@ -254,6 +250,44 @@ def pass_context(specs: List[PassSpec], options: CompileOptions, ir: EncoderIR, 
             options.eval, "calib", meta.image_size[0], meta.mean, meta.std, meta.in_chans,
             limit=options.eval_limit)
     return context
+
+
+#: Stages whose output depends on discrete, data-dependent choices (which tokens merge or stay).
+DISCRETE_STAGES = ("merge", "prune", "select")
+
+
+def check_engine(ir: EncoderIR, engine, example: torch.Tensor, precision: str, backend_name: str,
+                 log: Log):
+    """Compare the engine with the IR's reference on probe images (the tolerance table's bound).
+
+    With token merging/pruning in reduced precision the comparison is advisory: on random probe
+    images the similarity scores are near ties, so bf16/fp16/int8 rounding flips which tokens
+    merge and the outputs differ although the engine is right; accuracy on real data (--eval) is
+    then the check that counts. Everything else must match or the compile fails (exit code 2).
+    """
+    from vitopt.errors import NumericsError
+    from vitopt.tolerances import compare, require_close
+    with torch.no_grad():
+        expected = ir(example).numpy()
+    actual = engine.run(example.numpy())
+    what = f"the {backend_name} {precision} engine"
+    discrete = any(stage.kind in DISCRETE_STAGES for stage in ir.stages)
+    if not (discrete and precision != "fp32"):
+        check = require_close(actual, expected, precision, backend_name, what=what)
+        log(f"engine matches the IR: max abs diff {check.max_abs:.2e}, cosine {check.cos_sim:.6f}")
+        return check
+    if actual.shape != expected.shape or not np.isfinite(actual).all():
+        raise NumericsError(f"{what} returned shape {list(actual.shape)} (expected "
+                            f"{list(expected.shape)}) or non-finite values")
+    check = compare(actual, expected, precision, backend_name)
+    if check.ok:
+        log(f"engine matches the IR: max abs diff {check.max_abs:.2e}, cosine {check.cos_sim:.6f}")
+    else:
+        log(f"warning: {what} differs from the IR on random probe images (cosine "
+            f"{check.cos_sim:.4f}); token merging/pruning decisions flip under {precision} rounding "
+            f"on such inputs, so this check is advisory here. Measure accuracy with --eval, or "
+            f"compile with --precision fp32 for an elementwise check.")
+    return check
 
 
 def verify_int8(backend_name: str, engine, build_dir: Path, files, ir: EncoderIR, log: Log) -> dict:
