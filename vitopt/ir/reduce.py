@@ -84,10 +84,7 @@ class PruneTokens(Stage):
     def __init__(self, *, tokens_in: int, keep: int, num_prefix_tokens: int, fuse: bool = True,
                  embed_dim: int = 0, block: int = 0, signal: str = "cls"):
         super().__init__()
-        patches = tokens_in - num_prefix_tokens
-        if not 1 <= keep < patches:
-            raise ValueError(f"PruneTokens keeps {keep} of {patches} patch tokens; keep must be "
-                             f"in [1, {patches - 1}]")
+        _check_keep("PruneTokens", keep, tokens_in - num_prefix_tokens)
         self.expected_tokens = int(tokens_in)
         self.keep = int(keep)
         self.num_prefix_tokens = int(num_prefix_tokens)
@@ -101,7 +98,7 @@ class PruneTokens(Stage):
 
     def forward(self, state: TokenState) -> TokenState:
         x, size = state.x, state.size
-        b, n, p = x.shape[0], self.expected_tokens, self.num_prefix_tokens
+        b, p = x.shape[0], self.num_prefix_tokens
         attn = state.cls_attn[:, p:]                                   # [B, Np]
         ranked = rank(attn)                                             # most attended first
         kept = p + self.keep
@@ -237,10 +234,7 @@ class SelectTokens(Stage):
     def __init__(self, *, tokens_in: int, keep: int, num_prefix_tokens: int, grid_width: int,
                  positions: bool = True, block: int = 0, signal: str = "cls"):
         super().__init__()
-        patches = tokens_in - num_prefix_tokens
-        if not 1 <= keep < patches:
-            raise ValueError(f"SelectTokens keeps {keep} of {patches} patch tokens; keep must be "
-                             f"in [1, {patches - 1}]")
+        _check_keep("SelectTokens", keep, tokens_in - num_prefix_tokens)
         self.expected_tokens = int(tokens_in)
         self.keep = int(keep)
         self.num_prefix_tokens = int(num_prefix_tokens)
@@ -353,3 +347,10 @@ def last_reduction_block(ir) -> Optional[int]:
     token counts."""
     blocks = [s.block for s in ir.stages if isinstance(s, REDUCE_STAGES)]
     return max(blocks) if blocks else None
+
+
+def _check_keep(stage: str, keep: int, patches: int) -> None:
+    """A token-selection stage must keep at least one patch token and drop at least one."""
+    if not 1 <= keep < patches:
+        raise ValueError(f"{stage} keeps {keep} of {patches} patch tokens; keep must be in "
+                         f"[1, {patches - 1}]")
