@@ -21,8 +21,11 @@ demo: setup
 		--eval builtin:digits --max-batch 64 --bench-batch 1,64 -o $(DEMO_OUT)
 	$(VENV)/bin/vitopt inspect $(DEMO_OUT)
 
+# Two workers (pytest-xdist) on the 2-core CI machine keep the suite under 15 minutes.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 clean:
 	rm -rf out

@@ -22,7 +22,7 @@ setup(
         "vitopt.kernels",
     ],
     package_dir={"vitopt.passes": "passes", "vitopt.kernels": "kernels"},
-    package_data={"vitopt.data": ["*.safetensors", "*.json"]},
+    package_data={"vitopt.data": ["*.safetensors", "*.json"], "vitopt.kernels": ["tuning/*.json"]},
     install_requires=[
         "torch>=2.9",
         "numpy",
@@ -37,11 +37,20 @@ setup(
         "pillow",
     ],
     extras_require={
-        "tvm": ["apache-tvm>=0.27"],
+        # TVM: llvm builds need only apache-tvm; CUDA builds (also cross-compiled on a machine
+        # without a GPU) compile with NVRTC through cuda-bindings; MetaSchedule's worker pool
+        # needs psutil and cloudpickle. apache-tvm-ffi 0.1.15.x segfaults in tvm.ir.save_json
+        # with apache-tvm 0.27.0.post1 (MetaSchedule's database needs it): pinned below 0.1.15.
+        "tvm": ["apache-tvm>=0.27", "apache-tvm-ffi<0.1.15", "cuda-bindings>=13", "psutil",
+                "cloudpickle"],
         "gpu": ["onnxruntime-gpu"],
         "tensorrt": ["tensorrt"],
         "nncf": ["nncf"],
-        "test": ["pytest"],
+        "bench": ["nncf", "matplotlib"],
+        # The test suite exercises every engine that installs on a CPU-only machine.
+        "test": ["pytest", "pytest-xdist", "apache-tvm>=0.27", "apache-tvm-ffi<0.1.15", "cuda-bindings>=13",
+                 "psutil", "cloudpickle",
+                 "nncf", "matplotlib"],
     },
     entry_points={"console_scripts": ["vitopt=vitopt.cli:main"]},
 )

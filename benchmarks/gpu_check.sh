@@ -1,27 +1,28 @@
 #!/usr/bin/env bash
-# GPU check: on the GPU machine, make vitopt importable, diagnose AOTInductor CUDA loading, run
-# gpu_bench.py, and the gpu-marked tests if time is left.
+# GPU check: on the GPU machine, install the carried TVM bundle, make vitopt importable, then
+# TVM CUDA (build + check + time beside torch eager), the gpu-marked tests, the AOTInductor
+# diagnostic (background) and gpu_bench.py with what is left.
 #
 #   bash benchmarks/gpu_check.sh        # from the repo root; results under $OUT (default out/gpu-check)
 #
 # Whole run bounded by GPU_CHECK_BUDGET_S (default 280 s): each step gets a hard `timeout` from
 # what is left, so one slow step cannot eat the rest. Steps (benchmarks/GPU.md has the timeline):
-#   environment   GPU, driver, Python, torch, CUDA, Triton, g++ (about 7 s)
-#   link          vitopt as a symlinked package tree on PYTHONPATH; no pip (no network there)
-#   aoti-diag     benchmarks/aoti_diag.py, at most GPU_CHECK_DIAG_S (default 60 s): which way of
-#                 building/opening a CUDA .pt2 works; its recommendation goes to the benchmark
-#   gpu-tests     GPU_CHECK_TESTS=auto (default): before the benchmark only if GPU_CHECK_BENCH_MIN_S
-#                 (default 190 s) would still be left after them, else after it if at least 40 s
-#                 are left; before|after|skip force it. Each test file is its own pytest process
-#                 with its own timeout (GPU_CHECK_TEST_FILE_S, default 90 s): a segfault costs
-#                 that file only
-#   gpu-bench     benchmarks/gpu_bench.py with what is left less 8 s (flags: GPU_BENCH_ARGS)
-# Writes, under $OUT: gpu_check.log (all of it), aoti_diag.json + aoti_diag/ (each variant's
-# log), gpu_bench.json / gpu_bench.md / gpu_bench.log, gpu_tests.txt.
+#   environment     GPU, driver, Python, torch, CUDA, Triton, g++
+#   wheels          .whl/*.whl, .whl/small/*.whl and split wheels .whl/parts/NAME.part-* (joined,
+#                   sha256-checked) installed into /tmp/site with pip --no-index --target
+#   tvm-cuda-setup  CUDA headers for NVRTC (carried .whl/small/cuda-headers.tar.xz unless the
+#                   machine has a toolkit) -> CUDA_PATH; torch's libcudart dir -> LD_LIBRARY_PATH
+#   link            vitopt as a symlinked package tree on PYTHONPATH; no pip (no network there)
+#   aoti-diag       benchmarks/aoti_diag.py in the background (GPU_CHECK_DIAG_S, default 100 s)
+#   tvm-cuda        benchmarks/tvm_models.py --device cuda (GPU_CHECK_TVM_S, default 150 s;
+#                   extra flags GPU_CHECK_TVM_ARGS)
+#   gpu-tests       each gpu-marked test file in its own pytest process (GPU_CHECK_TEST_FILE_S,
+#                   default 60 s; all of them GPU_CHECK_TESTS_S, default 90 s); GPU_CHECK_TESTS=skip
+#   gpu-bench       benchmarks/gpu_bench.py with what is left less 8 s, if >= 40 s (GPU_BENCH_ARGS)
+# Writes, under $OUT: gpu_check.log (all of it), tvm_models_cuda.json/.md, gpu_tests.txt,
+# aoti_diag.json + aoti_diag/ + aoti_diag.log, gpu_bench.json / .md / .log.
 # Exits 1 when any step failed (the others still run), 0 when all passed.
-# Optional: GPU_CHECK_SKIP_DIAG=1, GPU_CHECK_DIAG_ARGS (extra aoti_diag.py flags), PYTHON
-# (default python3). Wheels found in .whl/ (and split
-# wheels .whl/parts/NAME.whl.part-*) are installed into /tmp/site first: see benchmarks/GPU.md.
+# Optional: GPU_CHECK_SKIP_DIAG=1, GPU_CHECK_DIAG_ARGS, PYTHON (default python3).
 set -u
 set -o pipefail
 
@@ -29,10 +30,11 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/out/gpu-check}
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-280}
-DIAG_S=${GPU_CHECK_DIAG_S:-60}
-TESTS=${GPU_CHECK_TESTS:-auto}
-BENCH_MIN_S=${GPU_CHECK_BENCH_MIN_S:-190}
-TEST_FILE_S=${GPU_CHECK_TEST_FILE_S:-90}
+DIAG_S=${GPU_CHECK_DIAG_S:-100}
+TVM_S=${GPU_CHECK_TVM_S:-150}
+TESTS=${GPU_CHECK_TESTS:-run}
+TESTS_S=${GPU_CHECK_TESTS_S:-90}
+TEST_FILE_S=${GPU_CHECK_TEST_FILE_S:-60}
 WRAP_S=8
 START=$(date +%s)
 FAILED=()
@@ -86,12 +88,33 @@ join_wheel_parts() {
 install_wheels() {
     local wheels=()
     join_wheel_parts || return 1
-    for wheel in "$REPO"/.whl/*.whl /tmp/vitopt-wheels/*.whl; do
+    for wheel in "$REPO"/.whl/*.whl "$REPO"/.whl/small/*.whl /tmp/vitopt-wheels/*.whl; do
         [ -e "$wheel" ] && wheels+=("$wheel")
     done
     [ "${#wheels[@]}" -eq 0 ] && { echo "no carried wheels"; return 0; }
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site "${wheels[@]}"
+}
+
+# TVM on the GPU machine: NVRTC (cuda-bindings, carried) needs the CUDA headers, which torch's
+# wheels do not ship complete (no CCCL): .whl/small/cuda-headers.tar.xz carries them (GPU.md), used
+# unless the machine has a toolkit. TVM's CUDA runtime links libcudart.so.13: torch's wheel has it.
+setup_tvm_cuda() {
+    if [ -f /usr/local/cuda/include/cuda_runtime.h ] && [ -d /usr/local/cuda/include/cccl ]; then
+        echo "CUDA_PATH=/usr/local/cuda (the machine's toolkit)"
+    elif [ -f "$REPO/.whl/small/cuda-headers.tar.xz" ]; then
+        mkdir -p /tmp/cuda-headers && tar -xJf "$REPO/.whl/small/cuda-headers.tar.xz" -C /tmp/cuda-headers &&
+            echo "CUDA_PATH=/tmp/cuda-headers/cuda (carried headers)"
+    else
+        echo "no CUDA headers here or carried: TVM cannot compile CUDA on this machine"
+    fi
+    "$PY" - <<'PYEOF'
+import glob, os, site
+dirs = sorted({os.path.dirname(p) for base in site.getsitepackages()
+               for p in glob.glob(os.path.join(base, "nvidia", "*", "lib", "libcudart.so*"))})
+print("libcudart dirs:", dirs)
+open("/tmp/vitopt-cudart-dirs", "w").write(":".join(dirs))
+PYEOF
 }
 
 # vitopt as a symlinked package tree (vitopt/ plus passes/ and kernels/ as vitopt.passes and
@@ -108,6 +131,8 @@ link_vitopt() {
 # repo's own vitopt/ (which has no passes/) would shadow the linked package.
 check_import() {
     "$PY" -c 'import vitopt, vitopt.passes, vitopt.kernels, vitopt.backends.aotinductor as a; print("vitopt from", vitopt.__file__, "| aotinductor available:", a.AOTInductorBackend().available())'
+    "$PY" -c 'from vitopt.backends import get_backend; b = get_backend("tvm"); print("tvm available:", b.available(), "| version", b.version() if b.available()[0] else "-")'
+    "$PY" -c 'import tvm; print("tvm", tvm.__version__, "| cuda device:", tvm.cuda(0).exist, "| compiler loaded:", not tvm.base._RUNTIME_ONLY)'
 }
 
 # Each gpu-marked test file in its own pytest process and time limit; output to gpu_tests.txt.
@@ -157,61 +182,64 @@ EOF
 WORK=$(mktemp -d /tmp/gpu-check-XXXX)
 cd "$WORK" || exit 1
 export REPO PY OUT START BUDGET WRAP_S TEST_FILE_S PYTHONPATH=${PYTHONPATH:-}
-export -f left min show_environment join_wheel_parts install_wheels check_import run_gpu_tests
+export -f left min show_environment join_wheel_parts install_wheels setup_tvm_cuda check_import run_gpu_tests
 echo "gpu_check: repo $REPO, out $OUT, budget ${BUDGET}s"
 step environment 30 bash -c show_environment
 if [ -d "$REPO/.whl" ]; then
     step wheels "$(min 180 "$(left)")" bash -c install_wheels &&
         export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
+step tvm-cuda-setup 40 bash -c setup_tvm_cuda
+[ -d /tmp/cuda-headers/cuda ] && export CUDA_PATH=/tmp/cuda-headers/cuda
+[ -s /tmp/vitopt-cudart-dirs ] && export LD_LIBRARY_PATH=$(cat /tmp/vitopt-cudart-dirs)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 link_vitopt
 export PYTHONPATH=/tmp/vitopt-link:$PYTHONPATH
 step link 30 bash -c check_import
 
-AOTI_FRESH_LOADER="" AOTI_SAME_LOADER="" AOTI_OPTIONS="{}" AOTI_BROKEN=""
-DIAG_BUDGET=$(min "$DIAG_S" "$(( $(left) - 120 ))")
-if [ "${GPU_CHECK_SKIP_DIAG:-0}" = 1 ] || [ "$DIAG_BUDGET" -lt 20 ]; then
-    echo "=== aoti-diag: not run (GPU_CHECK_SKIP_DIAG=${GPU_CHECK_SKIP_DIAG:-0}, $(left)s left)"
-else
+# 1. TVM CUDA: build (NVRTC, dlight schedules), check against fp32 eager, time beside torch eager
+#    fp16 in the same process (benchmarks/tvm_models.py --device cuda).
+# shellcheck disable=SC2086
+step tvm-cuda "$(min "$TVM_S" "$(( $(left) - 60 ))")" "$PY" "$REPO/benchmarks/tvm_models.py" \
+    --device cuda --out "$OUT" ${GPU_CHECK_TVM_ARGS:-}
+
+# 2. AOTInductor diagnostic in the background, after TVM (run 3: started before it, its two
+#    70 s Inductor builds slowed the TVM compiles past their cap). Read back before the benchmark.
+DIAG_PID=""
+if [ "${GPU_CHECK_SKIP_DIAG:-0}" != 1 ] && [ "$(left)" -gt 120 ]; then
+    echo "=== aoti-diag: started in the background (budget ${DIAG_S}s; log aoti_diag.log)"
     # shellcheck disable=SC2086
-    step aoti-diag "$(( DIAG_BUDGET + 10 ))" "$PY" "$REPO/benchmarks/aoti_diag.py" --out "$OUT" \
-        --budget-s "$DIAG_BUDGET" ${GPU_CHECK_DIAG_ARGS:-}
+    timeout -k 10 "$(( DIAG_S + 15 ))" "$PY" "$REPO/benchmarks/aoti_diag.py" --out "$OUT" \
+        --budget-s "$DIAG_S" ${GPU_CHECK_DIAG_ARGS:---builds default,no-pool --loads package,single-threaded,so-runner} \
+        > "$OUT/aoti_diag.log" 2>&1 &
+    DIAG_PID=$!
+fi
+
+# 3. The gpu-marked tests (each file its own process and limit).
+: > "$OUT/gpu_tests.txt"
+if [ "$TESTS" != skip ]; then
+    step gpu-tests "$(min "$TESTS_S" "$(( $(left) - 40 ))")" bash -c run_gpu_tests
+fi
+
+# 4. The diagnostic's result, then what is left for the torch peers and vitopt-jit (gpu_bench).
+AOTI_FRESH_LOADER="" AOTI_OPTIONS="{}" AOTI_BROKEN=""
+if [ -n "$DIAG_PID" ]; then
+    wait "$DIAG_PID"; echo "=== aoti-diag: exit $? (t=$(( $(date +%s) - START ))s)"
+    tail -n 25 "$OUT/aoti_diag.log"
     eval "$(read_diag)"
-    echo "aoti-diag -> fresh-process loader '${AOTI_FRESH_LOADER}', same-process loader" \
-         "'${AOTI_SAME_LOADER}', build options ${AOTI_OPTIONS}${AOTI_BROKEN:+, $AOTI_BROKEN}"
+    echo "aoti-diag -> fresh-process loader '${AOTI_FRESH_LOADER}', build options" \
+         "${AOTI_OPTIONS}${AOTI_BROKEN:+, $AOTI_BROKEN}"
 fi
-# The tests load in the process that built: use what worked there (the backend reads this).
-if [ -n "$AOTI_SAME_LOADER" ] && [ "$AOTI_SAME_LOADER" != package ]; then
-    export VITOPT_AOTI_LOADER=$AOTI_SAME_LOADER
-fi
-
-TESTS_DONE=0
-tests_now() {
-    : > "$OUT/gpu_tests.txt"
-    step gpu-tests "$(( $(left) - WRAP_S ))" bash -c run_gpu_tests
-    TESTS_DONE=1
-}
-if [ "$TESTS" = before ] || { [ "$TESTS" = auto ] &&
-        [ $(( $(left) - 2 * TEST_FILE_S )) -ge "$BENCH_MIN_S" ]; }; then
-    tests_now
-fi
-
 BENCH_FLAGS=()
 [ -n "$AOTI_FRESH_LOADER" ] && BENCH_FLAGS+=(--aoti-loader "$AOTI_FRESH_LOADER")
 [ "$AOTI_OPTIONS" != "{}" ] && BENCH_FLAGS+=(--aoti-options "$AOTI_OPTIONS")
 [ -n "$AOTI_BROKEN" ] && BENCH_FLAGS+=(--skip-aoti "$AOTI_BROKEN")
 BENCH_BUDGET=$(( $(left) - WRAP_S ))
-# shellcheck disable=SC2086
-step gpu-bench "$(( $(left) - 3 ))" "$PY" "$REPO/benchmarks/gpu_bench.py" --out "$OUT" \
-    --budget-s "$BENCH_BUDGET" ${BENCH_FLAGS[@]+"${BENCH_FLAGS[@]}"} ${GPU_BENCH_ARGS:-}
-
-if [ "$TESTS_DONE" = 0 ] && [ "$TESTS" != skip ]; then
-    if [ "$TESTS" = after ] || [ "$(left)" -ge 40 ]; then
-        tests_now
-    else
-        echo "=== gpu-tests: not run ($(left)s left; GPU_CHECK_TESTS=before runs them first)"
-        echo "not run: $(left)s of the budget left after the benchmark" > "$OUT/gpu_tests.txt"
-    fi
+if [ "$BENCH_BUDGET" -ge 40 ]; then
+    # shellcheck disable=SC2086
+    step gpu-bench "$(( $(left) - 3 ))" "$PY" "$REPO/benchmarks/gpu_bench.py" --out "$OUT" \
+        --budget-s "$BENCH_BUDGET" ${BENCH_FLAGS[@]+"${BENCH_FLAGS[@]}"} ${GPU_BENCH_ARGS:-}
+else
+    echo "=== gpu-bench: not run (${BENCH_BUDGET}s left)"
 fi
 
 echo "=== gpu_check done in $(( $(date +%s) - START ))s; files in $OUT:"

@@ -30,7 +30,8 @@ to fp32 one at a time until the drop against fp32 is at most P.
 Data: the calibration images of the run's PassContext (`--calib builtin:digits|DIR`); without
 any, random images with a warning. Bad calibration data is a ConfigError.
 Preconditions: Attention/Mlp stages with float Linear layers; declines when there are none or
-the IR is already quantized. The classifier head and the stem stay in float.
+the IR is already quantized or cast to fp16/bf16 (cast_fp16 / cast_bf16 are exclusive with
+int8). The classifier head and the stem stay in float.
 Order: last: after token reduction (merge_tokens, prune_tokens), ShiftAdd and early exits, so
 calibration sees the reduced graph; after fuse_qkv (one GEMM to quantize, one range, not three).
 Cost: on the digits proxy about 0-0.5 top-1 points (tests/test_quantize_accuracy.py; naive
@@ -49,6 +50,7 @@ from torch import nn
 
 from vitopt.errors import ConfigError
 from vitopt.ir.quant import ActQuant, AttentionQuant, QuantLinear, fake_quant_u8, quant_layers
+from vitopt.ir.precision import cast_dtype
 from vitopt.ir.stages import Attention, Mlp
 from vitopt.pipeline import PassConfig, PassResult, register_pass
 
@@ -321,6 +323,10 @@ def _fit_accuracy_budget(ir, targets, originals, sqnr, fallback, cfg, context) -
 def quantize_int8(ir, cfg: QuantizeInt8Config, context) -> PassResult:
     if quant_layers(ir):
         return PassResult(ir, False, {}, ["the IR is already quantized"])
+    if cast_dtype(ir):
+        return PassResult(ir, False, {}, [
+            f"the IR is already cast to {cast_dtype(ir)} (cast_{cast_dtype(ir)}); quantize_int8 "
+            f"needs fp32 linears: use quantize_int8 or cast_{cast_dtype(ir)}, not both"])
     targets = target_linears(ir)
     if not targets:
         return PassResult(ir, False, {}, ["nothing to quantize: no Linear layers in attention "
@@ -351,7 +357,10 @@ def quantize_int8(ir, cfg: QuantizeInt8Config, context) -> PassResult:
         except ValueError as exc:
             raise ConfigError(f"quantize_int8: {name}: {exc}; use other calibration images") from exc
         originals[name] = getattr(stage, attr)
-        setattr(stage, attr, QuantLinear(originals[name], quant))
+        # Token merging reads the qkv/k weights for its head-averaged keys: give that path a
+        # float copy so the int8 GEMM keeps its own DequantizeLinear (vitopt/ir/quant.py).
+        keys = isinstance(stage, Attention) and stage.record_keys and attr in ("qkv", "k")
+        setattr(stage, attr, QuantLinear(originals[name], quant, keep_float_weight=keys))
         ranges[name] = quant.to_dict()
     if cfg.quantize_attention:
         for stage in ir.attention_stages():

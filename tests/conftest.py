@@ -1,5 +1,6 @@
 """Shared fixtures: traced tiny models of every family, cached for the session."""
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import model_zoo  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# `make test` runs two pytest-xdist workers on this 2-core machine: one torch thread each, so
+# they do not oversubscribe the cores (a single process keeps two).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 def pytest_configure(config):

@@ -95,6 +95,26 @@ def test_composes_after_token_merging(traced_family):
         assert torch.isfinite(result.ir(example)).all()
 
 
+def test_merged_int8_keeps_every_linear_int8_on_openvino(traced_family, tmp_path):
+    """Token merging reads the qkv weights for its mean keys; that path must not share the int8
+    weight's DequantizeLinear (OpenVINO then folded the qkv GEMM to bf16)."""
+    import onnx
+    from vitopt.backends.openvino import int8_summary
+    from vitopt.lower.onnx_export import export_onnx
+    _, example, ir = traced_family("timm_vit")
+    specs = resolve_pipeline("none", ["merge_tokens:r=2", "quantize_int8"])
+    merged = Pipeline(specs).run(ir, context=PassContext(calib=calib_for(ir))).ir
+    model = onnx.load(str(export_onnx(merged, example, tmp_path / "m.onnx")))
+    weights = {i.name for i in model.graph.initializer if i.name.endswith("weight_q")}
+    assert len(weights) == len(quant_layers(merged))
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights]
+    readers = [n.op_type for n in model.graph.node for d in dq if d.output[0] in n.input]
+    assert len(dq) == len(weights) and readers == ["MatMul"] * len(weights), readers
+    engines = check_engines_match(merged, example, tmp_path, backends=("openvino",),
+                                  batches=(3,), precision="int8")
+    assert int8_summary(engines["openvino"][0])["int8_linears"] == len(quant_layers(merged))
+
+
 def test_declines_cleanly(traced_family):
     _, _, ir = traced_family("timm_vit")
     once = quantize(ir).ir

@@ -122,17 +122,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_suite(args) -> int:
+    """Run a benchmark matrix (benchmarks/matrix/*.json): vitopt beside its peers, one run."""
+    from vitopt.suite.main import run_matrix_file
+    run_matrix_file(args.matrix, out=args.out, quick=args.quick,
+                    models=[m for m in (args.models or "").split(",") if m],
+                    readme=args.update_readme, log=_log)
+    return 0
+
+
 def cmd_targets(args) -> int:
-    """List targets and whether this machine can build for them."""
-    from vitopt.backends import BACKENDS, get_backend
-    from vitopt.targets import TARGETS, cuda_available
-    for target in TARGETS.values():
-        here = "yes" if target.device == "cpu" or cuda_available() else "no GPU on this machine"
-        print(f"{target.name:6s} {target.description}; builds here: {here}")
-    print("\nbackends:")
-    for name in BACKENDS:
-        ok, why = get_backend(name).available()
-        print(f"  {name:12s} {'available' if ok else 'unavailable: ' + why}")
+    """List targets and device profiles, and what this machine can build for."""
+    from vitopt.targets import format_targets
+    print(format_targets())
     return 0
 
 
@@ -173,6 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="source model spec (default: the one in the manifest)")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("bench-suite", help=cmd_bench_suite.__doc__,
+                       description=cmd_bench_suite.__doc__)
+    p.add_argument("matrix", nargs="?", default=None,
+                   help="matrix file (default with --quick: benchmarks/matrix/cpu-quick.json)")
+    p.add_argument("--quick", action="store_true", help="one timing round (>= 10 runs per cell)")
+    p.add_argument("--models", default=None, help="only these models of the matrix (comma list)")
+    p.add_argument("--out", default=None,
+                   help="results folder (default: benchmarks/results/<machine>/suite)")
+    p.add_argument("--update-readme", default=None, metavar="README",
+                   help="regenerate README's headline table from the results")
+    p.set_defaults(fn=cmd_bench_suite)
 
     p = sub.add_parser("targets", help=cmd_targets.__doc__, description=cmd_targets.__doc__)
     p.set_defaults(fn=cmd_targets)

@@ -20,7 +20,9 @@ from torch import nn
 from vitopt import __version__
 from vitopt.errors import ConfigError
 from vitopt.frontend.trace import single_output, trace
+from vitopt.exits import compile as exit_steps
 from vitopt.ir.encoder import EncoderIR, EncoderMeta
+from vitopt.ir.exits import exit_stages
 from vitopt.pipeline import PassContext, PassSpec, PipelineResult, get_pass, resolve_pipeline, Pipeline
 from vitopt.targets import choose_backend, choose_precision, get_target, require_device
 from vitopt.timing import Timing, measure
@@ -34,14 +36,16 @@ def _opt(default, help: str, **extra):
 class CompileOptions:
     """Everything `vitopt compile` can be told (CLI flags are derived from these fields)."""
 
-    target: str = _opt("cpu", "hardware to build for: cpu, cuda")
+    target: str = _opt("cpu", "hardware to build for: cpu, cuda, or a GPU profile (h100, a100, l4, "
+                              "t4, orin-agx, orin-nano; see `vitopt targets`)")
     backend: Optional[str] = _opt(None, "engine to use (default: the target's best available)")
     precision: str = _opt("auto", "fp32, bf16, int8 (adds the quantize_int8 pass), or auto (the "
                                   "fastest this hardware runs well; int8 when quantize_int8 runs)")
     preset: str = _opt("none", "named pass pipeline (see `vitopt passes`: none, lossless, balanced, fast)")
     passes: Tuple[str, ...] = _opt((), "add or override a pass: name[:key=value...] (repeatable)",
                                    cli_name="pass", repeat=True)
-    max_batch: int = _opt(8, "largest batch the engine takes in one run")
+    max_batch: Optional[int] = _opt(None, "largest batch the engine takes in one run (default: the "
+                                          "target's: 8 for cpu/cuda, the profile's for h100, t4, ...)")
     bench_batch: Tuple[int, ...] = _opt((1, 8), "batch sizes for the latency report (comma list)")
     eval: Optional[str] = _opt(None, "evaluation data for accuracy: builtin:digits or an image folder")
     eval_limit: Optional[int] = _opt(None, "use at most this many evaluation images")
@@ -50,6 +54,16 @@ class CompileOptions:
     max_accuracy_drop: Optional[float] = _opt(None, "int8: keep the most sensitive layers in fp32 until "
                                                     "top-1 drops by at most this many points (needs "
                                                     "--eval; decided on its calib split)")
+    train: Optional[str] = _opt(None, "training images for early-exit heads: builtin:digits or an image "
+                                      "folder (train/ trains the heads, calib/ picks thresholds); adds "
+                                      "the insert_exit_heads pass")
+    exit_rule: Optional[str] = _opt(None, "early-exit rule: confidence, entropy or patience (adds "
+                                          "insert_exit_heads)")
+    exit_accuracy_drop: float = _opt(1.0, "early exits: thresholds may change at most this many "
+                                          "points of top-1 predictions on the calibration split "
+                                          "(separate from the int8 budget --max-accuracy-drop)")
+    exit_epochs: int = _opt(8, "epochs of exit-head training (backbone frozen)")
+    exit_seed: int = _opt(0, "seed of exit-head training")
     arch: Optional[str] = _opt(None, "architecture of a weights-only file: timm:NAME or hf:DIR")
     weights: Optional[str] = _opt(None, "state-dict file for a named architecture (timm:NAME)")
     trust_pickle: bool = _opt(False, "allow loading a pickled module (runs code from the file)")
@@ -60,8 +74,17 @@ class CompileOptions:
     runs: int = _opt(10, "timed runs per latency measurement (after warm-up)")
     measure: bool = _opt(True, "measure latency for the report", cli_name="measure")
     dump_ir: Optional[str] = _opt(None, "write the IR after every pass into this folder")
+    tune_trials: int = _opt(0, "TVM: MetaSchedule trials in all (0: default/dlight schedules only); "
+                               "tuned schedules go to a database that later compiles reuse")
+    tuning_db: Optional[str] = _opt(None, "TVM: tuning database folder (default: "
+                                          "$VITOPT_CACHE_DIR/tvm or ~/.cache/vitopt/tvm)")
+    cuda_arch: Optional[str] = _opt(None, "TVM: CUDA architecture to compile for, e.g. sm_90 (default: "
+                                          "the target profile's or the visible GPU's); without a GPU "
+                                          "TVM cross-compiles and the artifact is not run here")
 
     def __post_init__(self):
+        if self.max_batch is None:
+            self.max_batch = get_target(self.target).batch[2]
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1, got {self.max_batch}")
         if self.runs < 1:
@@ -71,7 +94,19 @@ class CompileOptions:
                               f"a value >= 0 (top-1 points)")
         if any(b < 1 for b in self.bench_batch):
             raise ConfigError(f"bench batch sizes must be positive, got {list(self.bench_batch)}")
+        if not self.exit_accuracy_drop >= 0 or self.exit_epochs < 1:
+            raise ConfigError(f"--exit-accuracy-drop must be >= 0 top-1 points (got "
+                              f"{self.exit_accuracy_drop}) and --exit-epochs >= 1 (got {self.exit_epochs})")
+        if self.exit_rule is not None:
+            from vitopt.exits.rules import check_rule
+            check_rule(self.exit_rule)
         get_target(self.target)
+        if not isinstance(self.tune_trials, int) or self.tune_trials < 0:
+            raise ConfigError(f"--tune-trials must be an integer >= 0 (0: no tuning), got "
+                              f"{self.tune_trials!r}")
+        if self.cuda_arch is not None:
+            from vitopt.backends.tvm_targets import check_cuda_arch
+            self.cuda_arch = check_cuda_arch(self.cuda_arch)
         self.passes = tuple(self.passes)
         self.bench_batch = tuple(self.bench_batch)
 
@@ -128,17 +163,21 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
 
     specs = resolve_pipeline(options.preset, options.passes)   # validate config before work
     specs, requested = plan_int8(specs, options.precision, options.max_accuracy_drop)
+    specs = exit_steps.plan_exits(specs, options.train, options.exit_rule)
     target = get_target(options.target)
-    require_device(target)
-    backend_name = choose_backend(target, options.backend)
-    precision = choose_precision(backend_name, requested, target.device)
+    require_device(target, options.backend)
+    backend_name = choose_backend(target, options.backend, log=log)
+    precision = choose_precision(backend_name, requested, target.device, target=target)
+    tvm_options = tvm_build_options(backend_name, options, target, log)
     log(f"target {target.name}: backend {backend_name}, precision {precision}")
 
     source = load_source(model, options, log)
     ir = lift_source(source, options, log)
     context = pass_context(specs, options, ir, log)
-    result = Pipeline(specs).run(ir, dump_dir=options.dump_ir, log=log, context=context)
+    result, exit_training = exit_steps.run_passes(specs, ir, options, context, log)
     ir = result.ir
+    exits = bool(exit_stages(ir))
+    exit_calibration = exit_steps.calibrate(ir, options, log) if exits else None
 
     from vitopt.artifact import input_spec, output_spec, write_artifact
     from vitopt.backends import get_backend
@@ -151,26 +190,41 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
         build_dir.mkdir()
         step = time.perf_counter()
         log(f"lowering and building the {backend_name} {precision} engine ...")
-        if getattr(backend, "input_format", "onnx") == "torch":
+        if exits:  # one engine per segment, batch compaction between them (vitopt.segmented)
+            engine, files, exit_segments = exit_steps.build(ir, backend, example, build_dir,
+                                                            precision, options, log)
+        elif getattr(backend, "input_format", "onnx") == "torch":
             files = backend.build_module(ir, example, build_dir, precision=precision,
                                          max_batch=options.max_batch, device=target.device,
-                                         threads=options.threads)
+                                         threads=options.threads,
+                                         **tvm_options)
         else:
             onnx_path = export_onnx(ir, example, Path(tmp) / "model.onnx")
             log(f"lowered to ONNX in {time.perf_counter() - step:.1f}s")
             step = time.perf_counter()
             files = backend.build(onnx_path, build_dir, precision=precision,
                                   max_batch=options.max_batch, threads=options.threads)
-        engine = backend.load(build_dir, files, precision=precision, threads=options.threads)
+        cross = cross_compile_note(backend_name, target, options)
+        if cross:  # TVM CUDA without a GPU: the library cannot run here
+            engine = None
+            log(f"{cross}: no engine check, accuracy or latency")
+        elif not exits:
+            engine = backend.load(build_dir, files, precision=precision, threads=options.threads)
         log(f"built the {backend_name} engine in {time.perf_counter() - step:.1f}s")
-        int8 = verify_int8(backend_name, engine, build_dir, files, ir, log) if precision == "int8" else None
+        int8 = None
+        if precision == "int8":
+            int8 = (exit_steps.verify_int8(backend_name, engine, build_dir, exit_segments, ir, log)
+                    if exits else verify_int8(backend_name, engine, build_dir, files, ir, log))
 
-        check = check_engine(ir, engine, example, precision, backend_name, log)
+        check = (None if cross else
+                 exit_steps.check(ir, engine, example, precision, backend_name, log) if exits
+                 else check_engine(ir, engine, example, precision, backend_name, log))
 
-        report = CompileReport(Path(output), {}, result, engine_max_abs_diff=check.max_abs)
-        if options.eval:
+        report = CompileReport(Path(output), {}, result,
+                               engine_max_abs_diff=check.max_abs if check else float("nan"))
+        if options.eval and not cross:
             report.accuracy_before, report.accuracy_after = measure_accuracy(source, ir, engine, options, log)
-        if options.measure:
+        if options.measure and not cross:
             report.latency = measure_latency(source, ir, engine, options, log)
 
         manifest = {
@@ -192,16 +246,23 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
                          "after": report.accuracy_after},
             "latency": [{"batch": row.batch, "eager": row.eager.to_dict() if row.eager else None,
                          "engine": row.engine.to_dict()} for row in report.latency],
-            "checks": {"engine_vs_ir_max_abs": check.max_abs, "engine_vs_ir_cosine": check.cos_sim,
+            "checks": {"cross_compiled": cross} if cross else
+                      {"engine_vs_ir_max_abs": check.max_abs, "engine_vs_ir_cosine": check.cos_sim,
                        "engine_vs_ir_ok": check.ok},
             "compile": {"vitopt_version": __version__, "options": _options_dict(options)},
         }
         if int8 is not None:
             manifest["quantization"] = quantization_manifest(result, int8)
+        artifact_files = {name: build_dir / name for name in files}
+        if exits:
+            manifest["exits"] = exit_steps.manifest_entry(
+                ir, exit_segments, exit_calibration, exit_training,
+                exit_steps.eval_distribution(ir, engine, options))
+            artifact_files[exit_steps.HEADS_FILE] = exit_steps.heads_file(ir)
         if precision == "bf16":
             manifest["hardware"] = _hardware_requiring(("avx512_bf16", "amx_bf16"))
         engine = None  # release the engine's files before the artifact moves them
-        write_artifact(output, manifest, {name: build_dir / name for name in files})
+        write_artifact(output, manifest, artifact_files)
     report.manifest = manifest
     report.seconds = time.perf_counter() - started
     log(f"wrote {output}")
@@ -209,6 +270,28 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
 
 
 # --- steps -----------------------------------------------------------------------------
+def tvm_build_options(backend_name: str, options: CompileOptions, target, log: Log) -> dict:
+    """The TVM backend's extra build_module arguments (tuning, database, CUDA arch, progress)."""
+    if backend_name != "tvm":
+        if options.tune_trials or options.tuning_db or options.cuda_arch:
+            raise ConfigError(f"--tune-trials, --tuning-db and --cuda-arch apply to --backend tvm, "
+                              f"not {backend_name}")
+        return {}
+    return {"tune_trials": options.tune_trials, "tuning_db": options.tuning_db,
+            "cuda_arch": options.cuda_arch or target.extra.get("cuda_arch"), "log": log}
+
+
+def cross_compile_note(backend_name: str, target, options: CompileOptions) -> Optional[str]:
+    """"cross-compiled for sm_XX, not run on this machine" when TVM builds CUDA without a GPU."""
+    if backend_name != "tvm" or target.device != "cuda":
+        return None
+    from vitopt.backends.tvm_targets import visible_cuda_arch
+    if visible_cuda_arch() is not None:
+        return None
+    arch = options.cuda_arch or target.extra.get("cuda_arch")
+    return f"cross-compiled for {arch}, not run on this machine"
+
+
 def plan_int8(specs: List[PassSpec], precision: str,
               max_accuracy_drop: Optional[float] = None) -> Tuple[List[PassSpec], str]:
     """int8 needs the quantize_int8 pass (appended, last, when missing); a pipeline that
@@ -271,6 +354,15 @@ def check_engine(ir: EncoderIR, engine, example: torch.Tensor, precision: str, b
         expected = ir(example).numpy()
     actual = engine.run(example.numpy())
     what = f"the {backend_name} {precision} engine"
+    from vitopt.ir.shift import shift_layers
+    if precision == "fp32" and shift_layers(ir):
+        # reparam_shiftadd rounds activations to fixed point: an engine's float differences
+        # flip single rounding steps, as in an int8 model, so it is bounded like one.
+        precision = "int8"
+    from vitopt.ir.precision import cast_dtype
+    if precision == "fp32" and cast_dtype(ir):
+        # cast_fp16/cast_bf16 put explicit low-precision regions in the graph: bounded like them.
+        precision = cast_dtype(ir)
     discrete = any(stage.kind in DISCRETE_STAGES for stage in ir.stages)
     if not (discrete and precision != "fp32"):
         check = require_close(actual, expected, precision, backend_name, what=what)

@@ -21,6 +21,7 @@ def format_compile_report(report) -> str:
         f"  passes     {', '.join(p['name'] + ('' if p['modified'] else ' (declined)') for p in m['passes']) or 'none'}",
         f"  model      {m['model']['blocks']} blocks, tokens {m['token_schedule'][1]}, "
         f"{m['model']['gflops_per_image']:.2f} GFLOPs/image",
+        f"  check      {m['checks']['cross_compiled']} (no engine check)" if m['checks'].get('cross_compiled') else
         f"  check      engine vs IR max abs diff {m['checks']['engine_vs_ir_max_abs']:.2e}, "
         f"cosine {m['checks']['engine_vs_ir_cosine']:.6f}",
     ]
@@ -29,6 +30,9 @@ def format_compile_report(report) -> str:
         lines.append(f"  accuracy   top-1 on {m['accuracy']['eval']} (held-out): "
                      f"{_pct(report.accuracy_before)} eager -> {_pct(report.accuracy_after)} engine "
                      f"({change:+.2f} points)")
+    if m.get("exits"):
+        from vitopt.exits.report import format_exits
+        lines.extend(format_exits(m["exits"]))
     if report.latency:
         rows = [{"batch": r.batch, "eager": r.eager.median_ms if r.eager else None,
                  "engine": r.engine.median_ms, "spread": f"{r.engine.p10_ms:.2f}-{r.engine.p90_ms:.2f}",
@@ -67,6 +71,9 @@ def format_manifest(manifest: dict, path: str) -> str:
         eager = row["eager"]["median_ms"] if row.get("eager") else None
         lines.append(f"latency      batch {row['batch']}: engine {row['engine']['median_ms']:.2f} ms"
                      + (f", eager torch {eager:.2f} ms" if eager else ""))
+    if manifest.get("exits"):
+        from vitopt.exits.report import format_exits
+        lines.extend(line[2:] for line in format_exits(manifest["exits"], curve=False))
     quant = manifest.get("quantization")
     if quant:
         layers = quant.get("layers") or {}

@@ -34,8 +34,12 @@ def load(path: Union[str, Path], *, threads: Optional[int] = None) -> "Runtime":
     if not ok:
         raise BackendUnavailableError(f"cannot run {root}: {reason}")
     _check_hardware(root, manifest, backend)
-    engine = backend.load(root, sorted(manifest["files"]), precision=manifest["precision"],
-                          threads=threads)
+    if manifest.get("exits"):  # early exits: one engine per segment (vitopt.segmented)
+        from vitopt.segmented import load_segmented
+        engine = load_segmented(backend, root, manifest, threads=threads)
+    else:
+        engine = backend.load(root, sorted(manifest["files"]), precision=manifest["precision"],
+                              threads=threads)
     return Runtime(root, manifest, engine)
 
 

@@ -17,6 +17,8 @@ _REGISTRY = {
     "onnxruntime": "vitopt.backends.onnxruntime:OnnxRuntimeBackend",
     "openvino": "vitopt.backends.openvino:OpenVINOBackend",
     "aotinductor": "vitopt.backends.aotinductor:AOTInductorBackend",
+    "tensorrt": "vitopt.backends.tensorrt:TensorRTBackend",
+    "tvm": "vitopt.backends.tvm:TVMBackend",
 }
 BACKENDS = tuple(_REGISTRY)
 

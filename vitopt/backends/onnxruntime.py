@@ -30,6 +30,11 @@ class OnnxRuntimeEngine(Engine):
     def run(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(images)})[0]
 
+    def run_all(self, inputs) -> list:
+        """Several inputs in the graph's order -> every output (segments of an early-exit model)."""
+        feed = {i.name: np.ascontiguousarray(a) for i, a in zip(self.session.get_inputs(), inputs)}
+        return self.session.run(None, feed)
+
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"

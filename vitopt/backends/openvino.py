@@ -51,6 +51,12 @@ class OpenVINOEngine(Engine):
                                     share_outputs=False)
         return np.asarray(result[0])
 
+    def run_all(self, inputs) -> list:
+        """Several inputs in the model's order -> every output (segments of an early-exit model)."""
+        result = self.request.infer({i: np.ascontiguousarray(a) for i, a in enumerate(inputs)},
+                                    share_inputs=True, share_outputs=False)
+        return [np.asarray(result[output]) for output in self.compiled.outputs]
+
 
 class OpenVINOBackend(Backend):
     name = "openvino"
@@ -97,10 +103,14 @@ class OpenVINOBackend(Backend):
         stem = Path(onnx_path).stem
         try:
             model = ov.Core().read_model(str(onnx_path))
-            shape = model.inputs[0].get_partial_shape()
-            if shape.rank.is_static and shape.rank.get_length() == 4 and shape[0].is_dynamic:
-                shape[0] = ov.Dimension(1, max_batch)
-                model.reshape({model.inputs[0]: shape})
+            shapes = {}
+            for port in model.inputs:  # images, or a segment's tokens/sizes (early exits)
+                shape = port.get_partial_shape()
+                if shape.rank.is_static and shape.rank.get_length() >= 2 and shape[0].is_dynamic:
+                    shape[0] = ov.Dimension(1, max_batch)
+                    shapes[port] = shape
+            if shapes:
+                model.reshape(shapes)
             ov.save_model(model, str(out_dir / f"{stem}.xml"), compress_to_fp16=False)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with its own text
             raise LoweringError(f"OpenVINO could not convert {onnx_path}: {exc}") from exc

@@ -74,13 +74,23 @@ def quantize_weight(weight: torch.Tensor) -> tuple:
 class QuantLinear(nn.Module):
     """int8 per-channel weights, u8 per-tensor input, fp32 bias and accumulation output."""
 
-    def __init__(self, linear: nn.Linear, input_quant: ActQuant):
+    def __init__(self, linear: nn.Linear, input_quant: ActQuant, keep_float_weight: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         q, scale = quantize_weight(linear.weight)
         self.register_buffer("weight_q", q.t().contiguous())  # [in, out]
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero", torch.zeros(self.out_features, dtype=torch.int64))
+        # `keep_float_weight`: `.weight` reads a float copy of the dequantized weight instead of
+        # dequantizing weight_q in the graph. For a qkv projection whose stage also records
+        # head-averaged keys for token merging (Attention.mean_key_projection reads `.weight`):
+        # a second DequantizeLinear on the same int8 initializer made OpenVINO fold the qkv
+        # weight to a float constant and run that GEMM in bf16 (DeiT-S, OpenVINO 2026.4: 12 of
+        # 48 linears lost int8). The copy is only sliced and averaged: OpenVINO folds it to the
+        # small [Dh, D] key projection at compile time, but the exported ONNX carries it (DeiT-S
+        # balanced: +1.8 MB per merging block, 26 -> 47 MB). Same values: the IR is unchanged.
+        self.register_buffer("weight_float", self.dequantized_weight_t().t().contiguous()
+                             if keep_float_weight else None, persistent=False)
         self.bias = (nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None
                      else None)
         self.input_quant = input_quant
@@ -93,6 +103,8 @@ class QuantLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight [out, in], like nn.Linear.weight (for passes and FLOP counts)."""
+        if self.weight_float is not None:
+            return self.weight_float
         return self.dequantized_weight_t().t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

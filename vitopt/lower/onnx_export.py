@@ -79,9 +79,16 @@ def _run_exporter(module: nn.Module, example: torch.Tensor, opset: int, dynamic_
             return torch.onnx.export(module, (example,), dynamo=True, opset_version=opset,
                                      input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                      dynamic_shapes=dynamic_shapes, external_data=False,
-                                     verbose=False, report=False)
+                                     verbose=False, report=False,
+                                     custom_translation_table=_custom_translations())
     except Exception as exc:  # the exporter raises many types; all mean the same to the user
         raise LoweringError(_export_failure(module, exc, dynamic_batch)) from exc
+
+
+def _custom_translations() -> dict:
+    """ONNX translations of vitopt's own torch ops (the shift-add linear: vitopt.lower.shift_onnx)."""
+    from vitopt.lower.shift_onnx import translation_table
+    return translation_table()
 
 
 def _export_failure(module: nn.Module, exc: Exception, dynamic_batch: bool) -> str:
