@@ -249,9 +249,7 @@ def _attention_observer(stage: Attention, observers, gen, softmax: bool):
         observers[f"{name}.{part}"] = _Observer(gen)
 
     def hook(module, inputs, h):
-        b, n, _ = h.shape
-        q, k, v = (t.reshape(b, n, stage.num_heads, stage.head_dim).transpose(1, 2)
-                   for t in stage.project_qkv(h))
+        q, k, v = stage.heads_qkv(h)
         for part, t in (("q", q), ("k", k), ("v", v)):
             observers[f"{name}.{part}"].add(t)
         if softmax:
