@@ -30,3 +30,21 @@ def traced(family: str):
 @pytest.fixture
 def traced_family():
     return traced
+
+
+@pytest.fixture(scope="session")
+def digits_proxy():
+    """The accuracy proxy (builtin:digits-vit) traced, with its held-out `test` split: an object
+    with .ir, .images, .labels, .top1(model) and .base (the traced model's own top-1)."""
+    from types import SimpleNamespace
+
+    from vitopt.data.digits import load_digits_split
+    from vitopt.data.proxy import build_digits_vit, evaluate_top1
+    from vitopt.frontend.trace import trace
+
+    images, labels = load_digits_split("test")
+    ir = trace(build_digits_vit(), images[:2])
+
+    def top1(model):
+        return evaluate_top1(model, images, labels, batch_size=120)
+    return SimpleNamespace(ir=ir, images=images, labels=labels, top1=top1, base=top1(ir))

@@ -4,11 +4,11 @@ The CPU package is compiled once per module (g++ runs: about 10-35 s on two core
 are marked `gpu` and skipped without a GPU; benchmarks/gpu_check.sh runs them on the GPU machine.
 """
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
+from build_copies import copy_built
 from timm.models.vision_transformer import VisionTransformer
 
 import vitopt.artifact as artifact_module
@@ -55,15 +55,8 @@ def cpu_package(ir, tmp_path_factory):
     return out, files
 
 
-def copy_package(package, dest, **record_changes):
-    """A copy of the built package whose aotinductor.json has `record_changes` applied."""
-    out, files = package
-    for name in files:
-        shutil.copyfile(out / name, dest / name)
-    record = json.loads((dest / aoti.RECORD).read_text())
-    record.update(record_changes)
-    (dest / aoti.RECORD).write_text(json.dumps(record))
-    return dest, files
+def copy_package(built, dest, **record_changes):
+    return copy_built(built, dest, aoti.RECORD, **record_changes)
 
 
 def test_registered_and_available():

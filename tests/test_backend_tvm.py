@@ -6,11 +6,11 @@ per CUDA arch (NVRTC, about 20-40 s). The tuning test tunes the tiny model's GEM
 budget of one trial each, then compiles again and checks that nothing new was tuned.
 """
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
+from build_copies import copy_built
 
 tvm = pytest.importorskip("tvm", reason="the TVM backend needs apache-tvm (pip install vitopt[tvm])")
 
@@ -52,14 +52,8 @@ def llvm_library(ir, tmp_path_factory):
     return out, files
 
 
-def copy_library(library, dest, **record_changes):
-    out, files = library
-    for name in files:
-        shutil.copyfile(out / name, dest / name)
-    record = json.loads((dest / tvm_backend.RECORD).read_text())
-    record.update(record_changes)
-    (dest / tvm_backend.RECORD).write_text(json.dumps(record))
-    return dest, files
+def copy_library(built, dest, **record_changes):
+    return copy_built(built, dest, tvm_backend.RECORD, **record_changes)
 
 
 def test_registered_and_available():

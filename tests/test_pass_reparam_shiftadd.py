@@ -145,15 +145,12 @@ def test_tvm_converter_compiles_and_matches_bit_for_bit():
             assert np.array_equal(out.numpy(), module(x).numpy())
 
 
-def test_digits_accuracy_mlp_finetune_within_one_point():
+def test_digits_accuracy_mlp_finetune_within_one_point(digits_proxy):
     """Bound: MLP-only shift-add with the fine-tune loses at most 1.0 top-1 point on the
     held-out digits test split (360 images; the fine-tune sees only the train split)."""
-    from vitopt.data.digits import load_digits_split
-    from vitopt.data.proxy import build_digits_vit, evaluate_top1
-    from vitopt.frontend.trace import trace
+    from vitopt.data.proxy import evaluate_top1
 
-    images, labels = load_digits_split("test")
-    ir = trace(build_digits_vit(), images[:2])
+    ir, images, labels = digits_proxy.ir, digits_proxy.images, digits_proxy.labels
     base = evaluate_top1(ir, images, labels)
     tuned = run_pass(ir, "reparam_shiftadd", finetune=True, progress=False)  # 1 epoch, lr 1e-5
     assert tuned.records[0].stats["finetune"]["epochs"] == 1

@@ -10,18 +10,11 @@ MAX_LOSS_POINTS = 0.5
 
 
 @pytest.fixture(scope="module")
-def proxy():
+def proxy(digits_proxy):
     from vitopt.data.digits import load_digits_split
-    from vitopt.data.proxy import build_digits_vit, evaluate_top1
-    from vitopt.frontend.trace import trace
 
-    images, labels = load_digits_split("test")
     calib, _ = load_digits_split("calib")
-    ir = trace(build_digits_vit(), images[:2])
-
-    def top1(model):
-        return evaluate_top1(model, images, labels, batch_size=120)
-    return ir, calib, images, top1, top1(ir)
+    return digits_proxy.ir, calib, digits_proxy.images, digits_proxy.top1, digits_proxy.base
 
 
 @pytest.mark.parametrize("options", [{}, {"method": "percentile"}, {"quantize_attention": True}])

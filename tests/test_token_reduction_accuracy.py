@@ -11,17 +11,8 @@ MAX_LOSS_POINTS = 1.0
 
 
 @pytest.fixture(scope="module")
-def proxy():
-    from vitopt.data.digits import load_digits_split
-    from vitopt.data.proxy import build_digits_vit, evaluate_top1
-    from vitopt.frontend.trace import trace
-
-    images, labels = load_digits_split("test")
-    ir = trace(build_digits_vit(), images[:2])
-
-    def top1(model):
-        return evaluate_top1(model, images, labels, batch_size=120)
-    return ir, top1, top1(ir)
+def proxy(digits_proxy):
+    return digits_proxy.ir, digits_proxy.top1, digits_proxy.base
 
 
 def loss_points(top1, base, reduced):
