@@ -43,6 +43,9 @@ def build(args):
     return base, ir, calib
 
 
+_EXPORTED = {}  # tmp dir -> (exported segments, plan): the ONNX is shared by the backends
+
+
 def engines_for(backend_name, base, ir, precision, tmp: Path):
     from vitopt.backends import get_backend
     from vitopt.exits.lower import build_exported, export_segments
@@ -56,9 +59,9 @@ def engines_for(backend_name, base, ir, precision, tmp: Path):
     files = backend.build(tmp / "plain.onnx", tmp / f"plain-{backend_name}", precision=precision,
                           max_batch=64)
     plain = backend.load(tmp / f"plain-{backend_name}", files, precision=precision)
-    if not (tmp / "onnx").exists():
-        engines_for.exported = export_segments(ir, example, tmp / "onnx")
-    exported, plan = engines_for.exported
+    if tmp not in _EXPORTED:
+        _EXPORTED[tmp] = export_segments(ir, example, tmp / "onnx")
+    exported, plan = _EXPORTED[tmp]
     built = build_exported(exported, plan, backend, tmp / f"seg-{backend_name}", precision=precision,
                            max_batch=64)
     parts = [backend.load(tmp / f"seg-{backend_name}", b["files"], precision=precision) for b in built]

@@ -6,6 +6,8 @@
 #                           cloudpickle, for the GPU machine's Python (3.12 there)
 #   .whl/small/cuda-headers.tar.xz   CUDA 13 headers incl. CCCL, which NVRTC needs and torch's
 #                           wheels do not ship (from this machine's /usr/local/cuda)
+# Nothing is carried for the benchmark suite: the GPU image already has timm (1.0.29 in runs 1-2),
+# scikit-learn, matplotlib, onnx and onnxruntime (benchmarks/GPU.md, "The benchmark").
 # Run here (it needs the package registry):  bash benchmarks/gpu_bundle.sh [PYTHON_VERSION]
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)

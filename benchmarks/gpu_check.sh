@@ -1,27 +1,40 @@
 #!/usr/bin/env bash
 # GPU check: on the GPU machine, install the carried TVM bundle, make vitopt importable, then
-# TVM CUDA (build + check + time beside torch eager), the gpu-marked tests, the AOTInductor
-# diagnostic (background) and gpu_bench.py with what is left.
+# the gpu-marked tests (with the AOTInductor diagnostic in the background) and the benchmark
+# suite on a GPU matrix (benchmarks/suite.py, the same suite, records and schema as the CPU runs).
 #
 #   bash benchmarks/gpu_check.sh        # from the repo root; results under $OUT (default out/gpu-check)
 #
-# Whole run bounded by GPU_CHECK_BUDGET_S (default 280 s): each step gets a hard `timeout` from
-# what is left, so one slow step cannot eat the rest. Steps (benchmarks/GPU.md has the timeline):
+# Whole run bounded by GPU_CHECK_BUDGET_S (default 420 s, under issue 7's 8 minutes): each step
+# gets a hard `timeout` from what is left, so one slow step cannot eat the rest. Steps
+# (benchmarks/GPU.md has the timeline):
 #   environment     GPU, driver, Python, torch, CUDA, Triton, g++
 #   wheels          .whl/*.whl, .whl/small/*.whl and split wheels .whl/parts/NAME.part-* (joined,
 #                   sha256-checked) installed into /tmp/site with pip --no-index --target
 #   tvm-cuda-setup  CUDA headers for NVRTC (carried .whl/small/cuda-headers.tar.xz unless the
 #                   machine has a toolkit) -> CUDA_PATH; torch's libcudart dir -> LD_LIBRARY_PATH
 #   link            vitopt as a symlinked package tree on PYTHONPATH; no pip (no network there)
+#   tvm-cuda        only with GPU_CHECK_TVM=run: benchmarks/tvm_models.py --device cuda
+#                   (GPU_CHECK_TVM_S, default 150 s; GPU_CHECK_TVM_ARGS). The suite's TVM cells
+#                   measure the same builds in the suite's format, so it is off by default
 #   aoti-diag       benchmarks/aoti_diag.py in the background (GPU_CHECK_DIAG_S, default 100 s)
-#   tvm-cuda        benchmarks/tvm_models.py --device cuda (GPU_CHECK_TVM_S, default 150 s;
-#                   extra flags GPU_CHECK_TVM_ARGS)
 #   gpu-tests       each gpu-marked test file in its own pytest process (GPU_CHECK_TEST_FILE_S,
 #                   default 60 s; all of them GPU_CHECK_TESTS_S, default 90 s); GPU_CHECK_TESTS=skip
-#   gpu-bench       benchmarks/gpu_bench.py with what is left less 8 s, if >= 40 s (GPU_BENCH_ARGS)
-# Writes, under $OUT: gpu_check.log (all of it), tvm_models_cuda.json/.md, gpu_tests.txt,
-# aoti_diag.json + aoti_diag/ + aoti_diag.log, gpu_bench.json / .md / .log.
-# Exits 1 when any step failed (the others still run), 0 when all passed.
+#   suite           benchmarks/suite.py on GPU_CHECK_MATRIX (default gpu-quick; a name in
+#                   benchmarks/matrix/ or a path) with --budget-s = what is left less 8 s, each
+#                   cell in its own process (a crash or hang is a failed record); AOTInductor
+#                   cells use the diagnostic's same-process loader, or are skipped when it found
+#                   none that opens a CUDA package. Extra flags: GPU_SUITE_ARGS. GPU_CHECK_SUITE=skip
+#   gpu-bench       only with GPU_CHECK_BENCH=run: benchmarks/gpu_bench.py with what is left (its
+#                   vitopt-jit and bounded compile profiles, which the suite has no cells for;
+#                   GPU_BENCH_ARGS)
+#   pack            everything but the main files into more.tar.gz (the tool returns 8 files)
+# Writes, under $OUT: gpu_check.log (all of it), gpu_tests.txt, aoti_diag.json,
+# suite/suite.json + suite/suite.md (rewritten after every cell), [tvm_models_cuda.json,
+# gpu_bench.json], and more.tar.gz (suite/README.md, suite/cells.log with every cell's output,
+# suite/*.png, aoti_diag.log, aoti_diag/, the other .md/.log files).
+# Exits 1 when any step failed (the others still run), 0 when all passed; failed suite cells
+# are in suite.json, not in the exit status.
 # Optional: GPU_CHECK_SKIP_DIAG=1, GPU_CHECK_DIAG_ARGS, PYTHON (default python3).
 set -u
 set -o pipefail
@@ -29,10 +42,14 @@ set -o pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/out/gpu-check}
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-280}
+BUDGET=${GPU_CHECK_BUDGET_S:-420}
 DIAG_S=${GPU_CHECK_DIAG_S:-100}
 TVM_S=${GPU_CHECK_TVM_S:-150}
 TESTS=${GPU_CHECK_TESTS:-run}
+TVM=${GPU_CHECK_TVM:-skip}
+SUITE=${GPU_CHECK_SUITE:-run}
+BENCH=${GPU_CHECK_BENCH:-skip}
+MATRIX=${GPU_CHECK_MATRIX:-gpu-quick}
 TESTS_S=${GPU_CHECK_TESTS_S:-90}
 TEST_FILE_S=${GPU_CHECK_TEST_FILE_S:-60}
 WRAP_S=8
@@ -196,14 +213,16 @@ link_vitopt
 export PYTHONPATH=/tmp/vitopt-link:$PYTHONPATH
 step link 30 bash -c check_import
 
-# 1. TVM CUDA: build (NVRTC, dlight schedules), check against fp32 eager, time beside torch eager
-#    fp16 in the same process (benchmarks/tvm_models.py --device cuda).
-# shellcheck disable=SC2086
-step tvm-cuda "$(min "$TVM_S" "$(( $(left) - 60 ))")" "$PY" "$REPO/benchmarks/tvm_models.py" \
-    --device cuda --out "$OUT" ${GPU_CHECK_TVM_ARGS:-}
+# 1. Optional: TVM CUDA through benchmarks/tvm_models.py (the suite's TVM cells replace it).
+if [ "$TVM" = run ]; then
+    # shellcheck disable=SC2086
+    step tvm-cuda "$(min "$TVM_S" "$(( $(left) - 60 ))")" "$PY" "$REPO/benchmarks/tvm_models.py" \
+        --device cuda --out "$OUT" ${GPU_CHECK_TVM_ARGS:-}
+fi
 
-# 2. AOTInductor diagnostic in the background, after TVM (run 3: started before it, its two
-#    70 s Inductor builds slowed the TVM compiles past their cap). Read back before the benchmark.
+# 2. AOTInductor diagnostic in the background, beside the tests and before the suite (run 3:
+#    beside the TVM compiles, its two 70 s Inductor builds slowed them past their cap). Read
+#    back before the suite, whose AOTInductor cells follow its recommendation.
 DIAG_PID=""
 if [ "${GPU_CHECK_SKIP_DIAG:-0}" != 1 ] && [ "$(left)" -gt 120 ]; then
     echo "=== aoti-diag: started in the background (budget ${DIAG_S}s; log aoti_diag.log)"
@@ -220,30 +239,68 @@ if [ "$TESTS" != skip ]; then
     step gpu-tests "$(min "$TESTS_S" "$(( $(left) - 40 ))")" bash -c run_gpu_tests
 fi
 
-# 4. The diagnostic's result, then what is left for the torch peers and vitopt-jit (gpu_bench).
-AOTI_FRESH_LOADER="" AOTI_OPTIONS="{}" AOTI_BROKEN=""
+# 4. The diagnostic's result, then the suite with what is left.
+AOTI_SAME_LOADER="" AOTI_FRESH_LOADER="" AOTI_OPTIONS="{}" AOTI_BROKEN=""
 if [ -n "$DIAG_PID" ]; then
     wait "$DIAG_PID"; echo "=== aoti-diag: exit $? (t=$(( $(date +%s) - START ))s)"
     tail -n 25 "$OUT/aoti_diag.log"
     eval "$(read_diag)"
-    echo "aoti-diag -> fresh-process loader '${AOTI_FRESH_LOADER}', build options" \
-         "${AOTI_OPTIONS}${AOTI_BROKEN:+, $AOTI_BROKEN}"
+    echo "aoti-diag -> same-process loader '${AOTI_SAME_LOADER}', fresh-process loader" \
+         "'${AOTI_FRESH_LOADER}', build options ${AOTI_OPTIONS}${AOTI_BROKEN:+, $AOTI_BROKEN}"
 fi
-BENCH_FLAGS=()
-[ -n "$AOTI_FRESH_LOADER" ] && BENCH_FLAGS+=(--aoti-loader "$AOTI_FRESH_LOADER")
-[ "$AOTI_OPTIONS" != "{}" ] && BENCH_FLAGS+=(--aoti-options "$AOTI_OPTIONS")
-[ -n "$AOTI_BROKEN" ] && BENCH_FLAGS+=(--skip-aoti "$AOTI_BROKEN")
-BENCH_BUDGET=$(( $(left) - WRAP_S ))
-if [ "$BENCH_BUDGET" -ge 40 ]; then
+SUITE_FLAGS=()
+[ -n "$AOTI_BROKEN" ] && SUITE_FLAGS+=(--skip-backend "aotinductor: $AOTI_BROKEN")
+case "$MATRIX" in      # a name in benchmarks/matrix/, or a path (relative: to the repo)
+    /*) MATRIX_FILE=$MATRIX ;;
+    */*|*.json) MATRIX_FILE=$REPO/$MATRIX ;;
+    *) MATRIX_FILE=$REPO/benchmarks/matrix/$MATRIX.json ;;
+esac
+SUITE_BUDGET=$(( $(left) - WRAP_S - 10 ))
+if [ "$SUITE" = skip ]; then
+    echo "=== suite: skipped (GPU_CHECK_SUITE=skip)"
+elif [ "$SUITE_BUDGET" -ge 40 ]; then
+    # The suite's AOTInductor cells build and load in one process (compile_model checks the
+    # engine), so they get the diagnostic's same-process loader when it found one.
     # shellcheck disable=SC2086
-    step gpu-bench "$(( $(left) - 3 ))" "$PY" "$REPO/benchmarks/gpu_bench.py" --out "$OUT" \
-        --budget-s "$BENCH_BUDGET" ${BENCH_FLAGS[@]+"${BENCH_FLAGS[@]}"} ${GPU_BENCH_ARGS:-}
+    VITOPT_AOTI_LOADER=${AOTI_SAME_LOADER:-${VITOPT_AOTI_LOADER:-}} \
+        step suite "$(( $(left) - 3 ))" "$PY" "$REPO/benchmarks/suite.py" "$MATRIX_FILE" \
+        --isolate --out "$OUT/suite" --budget-s "$SUITE_BUDGET" \
+        ${SUITE_FLAGS[@]+"${SUITE_FLAGS[@]}"} ${GPU_SUITE_ARGS:-}
 else
-    echo "=== gpu-bench: not run (${BENCH_BUDGET}s left)"
+    echo "=== suite: not run (${SUITE_BUDGET}s left)"; FAILED+=("suite(no time)")
 fi
 
+# 5. Optional: gpu_bench.py (vitopt-jit, bounded compile profiles) with what is left.
+if [ "$BENCH" = run ]; then
+    BENCH_FLAGS=()
+    [ -n "$AOTI_FRESH_LOADER" ] && BENCH_FLAGS+=(--aoti-loader "$AOTI_FRESH_LOADER")
+    [ "$AOTI_OPTIONS" != "{}" ] && BENCH_FLAGS+=(--aoti-options "$AOTI_OPTIONS")
+    [ -n "$AOTI_BROKEN" ] && BENCH_FLAGS+=(--skip-aoti "$AOTI_BROKEN")
+    BENCH_BUDGET=$(( $(left) - WRAP_S ))
+    if [ "$BENCH_BUDGET" -ge 40 ]; then
+        # shellcheck disable=SC2086
+        step gpu-bench "$(( $(left) - 3 ))" "$PY" "$REPO/benchmarks/gpu_bench.py" --out "$OUT" \
+            --budget-s "$BENCH_BUDGET" ${BENCH_FLAGS[@]+"${BENCH_FLAGS[@]}"} ${GPU_BENCH_ARGS:-}
+    else
+        echo "=== gpu-bench: not run (${BENCH_BUDGET}s left)"
+    fi
+fi
+
+# 6. The tool returns at most 8 files from $OUT: the main ones stay, the rest go in a tarball.
+pack_outputs() {
+    local keep=(gpu_check.log gpu_tests.txt aoti_diag.json tvm_models_cuda.json gpu_bench.json
+                suite/suite.json suite/suite.md) rest
+    rest=$(cd "$OUT" && find . -type f ! -name more.tar.gz | sed 's|^\./||' | sort |
+           grep -vxF -f <(printf '%s\n' "${keep[@]}") || true)
+    [ -n "$rest" ] || return 0
+    (cd "$OUT" && printf '%s\n' "$rest" | tar -czf more.tar.gz -T - &&
+        printf '%s\n' "$rest" | xargs -d '\n' rm -f && find . -mindepth 1 -type d -empty -delete)
+    echo "packed into more.tar.gz: $(printf '%s\n' "$rest" | tr '\n' ' ')"
+}
+pack_outputs || echo "pack: failed; files left as they are"
+
 echo "=== gpu_check done in $(( $(date +%s) - START ))s; files in $OUT:"
-ls -la "$OUT"
+ls -laR "$OUT"
 if [ "${#FAILED[@]}" -gt 0 ]; then
     echo "FAILED: ${FAILED[*]}"
     exit 1

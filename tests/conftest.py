@@ -39,11 +39,10 @@ def digits_proxy():
     from types import SimpleNamespace
 
     from vitopt.data.digits import load_digits_split
-    from vitopt.data.proxy import build_digits_vit, evaluate_top1
-    from vitopt.frontend.trace import trace
+    from vitopt.data.proxy import evaluate_top1, trace_digits_vit
 
     images, labels = load_digits_split("test")
-    ir = trace(build_digits_vit(), images[:2])
+    ir = trace_digits_vit(images[:2])  # with the digits normalisation in its meta
 
     def top1(model):
         return evaluate_top1(model, images, labels, batch_size=120)

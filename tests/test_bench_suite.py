@@ -155,3 +155,11 @@ def test_schema_refuses_keywords_it_does_not_check(tmp_path):
     path.write_text(json.dumps({"type": "object", "properties": {"a": {"pattern": "x"}}}))
     with pytest.raises(ConfigError, match="pattern"):
         load_schema(path)
+
+
+def test_cli_check_resolves_a_matrix_without_timing(capsys):
+    from vitopt.cli import main
+    assert main(["bench-suite", str(TINY), "--check"]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert main(["bench-suite", "--check"]) == 1  # no matrix: a clear error, not a traceback
+    assert "needs a matrix file" in capsys.readouterr().err

@@ -16,10 +16,9 @@ BUDGET = 1.0  # CompileOptions.exit_accuracy_drop's default
 @functools.lru_cache(maxsize=None)
 def digits_ir():
     from vitopt.data.digits import load_digits_split
-    from vitopt.data.proxy import build_digits_vit
-    from vitopt.frontend.trace import trace
+    from vitopt.data.proxy import trace_digits_vit
     images, _ = load_digits_split("train")
-    return trace(build_digits_vit(), images[:2])
+    return trace_digits_vit(images[:2])
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import sys
 import typing
 from typing import List, Optional
 
-from vitopt.errors import VitoptError
+from vitopt.errors import ConfigError, VitoptError
 
 EXIT_CODES = """exit codes:
   0  ok
@@ -124,10 +124,18 @@ def cmd_bench(args) -> int:
 
 def cmd_bench_suite(args) -> int:
     """Run a benchmark matrix (benchmarks/matrix/*.json): vitopt beside its peers, one run."""
-    from vitopt.suite.main import run_matrix_file
-    run_matrix_file(args.matrix, out=args.out, quick=args.quick,
-                    models=[m for m in (args.models or "").split(",") if m],
-                    readme=args.update_readme, log=_log)
+    from vitopt.suite.main import check_matrix_file, run_matrix_file
+    models = [m for m in (args.models or "").split(",") if m]
+    if args.check:
+        if args.matrix is None:
+            raise ConfigError("bench-suite --check needs a matrix file, e.g. "
+                              "benchmarks/matrix/gpu-quick.json")
+        check_matrix_file(args.matrix, quick=args.quick, models=models)
+        return 0
+    run_matrix_file(args.matrix, out=args.out, quick=args.quick, models=models,
+                    readme=args.update_readme, log=_log, isolate=args.isolate,
+                    budget_s=args.budget_s, cell_timeout_s=args.cell_timeout_s,
+                    skip_backends=args.skip_backend or ())
     return 0
 
 
@@ -186,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results folder (default: benchmarks/results/<machine>/suite)")
     p.add_argument("--update-readme", default=None, metavar="README",
                    help="regenerate README's headline table from the results")
+    p.add_argument("--check", action="store_true",
+                   help="only check that every cell resolves (models build and trace): no timing")
+    p.add_argument("--isolate", action="store_true",
+                   help="run every cell in its own process (always on for cuda matrices)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="bound the whole run (isolated cells); cells that do not fit are skipped")
+    p.add_argument("--cell-timeout-s", type=float, default=None,
+                   help="bound one isolated cell (default: the matrix's cell_timeout_s)")
+    p.add_argument("--skip-backend", action="append", default=None, metavar="NAME[: why]",
+                   help="record this backend's vitopt cells as skipped (repeatable)")
     p.set_defaults(fn=cmd_bench_suite)
 
     p = sub.add_parser("targets", help=cmd_targets.__doc__, description=cmd_targets.__doc__)

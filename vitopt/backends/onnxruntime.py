@@ -5,6 +5,13 @@ ORT contrib ops such as FusedMatMul and SkipLayerNormalization) and that optimiz
 engine file. EXTENDED, not ALL: ALL adds NCHWc layout rewrites specific to this CPU, which ORT
 itself warns must not be saved; they are applied again at load, where ALL is used.
 Precision lives in the graph (fp32, or int8 as Q/DQ nodes), so there is no precision flag.
+
+Sessions stop their intra-op threads' spinning at the end of every run
+(session.force_spinning_stop): threads still spin while a run lasts, but an engine whose run
+returned no longer burns the cores the next engine needs. Without it, an early-exit model's
+segment engines (one session each, run back to back) spun against each other: the digits
+proxy split in three ran 2.3x slower than unsplit at batch 1, 1.07x with it
+(benchmarks/early_exit.py, 2026-11-27).
 """
 from __future__ import annotations
 
@@ -65,6 +72,7 @@ class OnnxRuntimeBackend(Backend):
         options.log_severity_level = _QUIET
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         if threads is not None:
             options.intra_op_num_threads = threads
         return options

@@ -19,7 +19,8 @@ build_module, step by step:
      database of tvm_tuning.py (a second compile reuses it and tunes nothing new);
   6. finish: apply the database's best schedules; on CUDA, dlight default schedules (gpu.Matmul,
      GEMV, Reduction, GeneralReduction, Fallback) for every function the database does not
-     cover; the dataflow-lowering and finalize passes; `tvm.compile`; `export_library`.
+     cover; on llvm, dlight's CPU Reduction/GEMV and a parallel+vector rule for elementwise
+     functions (tvm_cpu_schedules.py; GEMMs are left to tuning); the dataflow-lowering and finalize passes; `tvm.compile`; `export_library`.
 Beside `model.so` a JSON record (`tvm.json`) holds what load needs: TVM version, target dict,
 device, dtype, batch plan, CPU features or CUDA arch, tuning info.
 
@@ -53,6 +54,7 @@ import numpy as np
 
 from vitopt.backends import tvm_targets, tvm_tuning
 from vitopt.backends.base import Backend, Engine
+from vitopt.backends.tvm_cpu_schedules import cpu_default_schedules, fast_math_pass
 from vitopt.backends.tvm_schedules import ScheduleReport, robust_dlight_pass
 from vitopt.backends.tvm_speedups import fast_inspect_stack
 from vitopt.errors import ArtifactError, BackendUnavailableError, ConfigError, LoweringError
@@ -323,17 +325,20 @@ def prepare(mod, target: Dict[str, object]):
     from tvm import relax
 
     tvm_target = tvm.target.Target(target)
+    # llvm: GELU, softmax, exp, erf, tanh as TVM's vectorizable fast_* polynomials
+    # (tvm_cpu_schedules.fast_math_pass); CUDA keeps the exact forms.
+    fast_math = [fast_math_pass()] if target["kind"] == "llvm" else []
     with tvm_target:
         passes = _backend_pipeline(target).library_dispatch_passes(tvm_target) + [
-            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            *fast_math, relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
         return tvm.transform.Sequential(passes)(mod)
 
 
 def finish_pipeline(target: Dict[str, object], database: Optional[str],
                     report: Optional[ScheduleReport] = None):
-    """Apply tuned schedules, dlight defaults on CUDA (per function, with fallbacks:
-    tvm_schedules), then lower and finalize (a Relax pass)."""
+    """Apply tuned schedules, then dlight defaults to the rest (CUDA: per function, with
+    fallbacks: tvm_schedules; llvm: tvm_cpu_schedules), then lower and finalize (a Relax pass)."""
     import tvm
     from tvm import relax
 
@@ -343,6 +348,8 @@ def finish_pipeline(target: Dict[str, object], database: Optional[str],
         passes.append(relax.transform.MetaScheduleApplyDatabase(work_dir=database))
     if target["kind"] == "cuda":
         passes.append(robust_dlight_pass(report if report is not None else ScheduleReport()))
+    else:  # llvm: parallel + vector schedules for what MetaSchedule did not tune
+        passes.append(cpu_default_schedules())
     backend = _backend_pipeline(target)
     passes += backend.dataflow_lower_passes(tvm_target) + backend.finalize_passes(tvm_target)
     return tvm.transform.Sequential(passes)

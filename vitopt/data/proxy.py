@@ -339,6 +339,24 @@ def build_digits_vit(pretrained: bool = True) -> nn.Module:
     return model.eval()
 
 
+def digits_meta():
+    """The IR meta of `builtin:digits-vit` (its normalisation, image size and labels), for code
+    that traces build_digits_vit() itself: data loaders read the normalisation from here."""
+    from vitopt.data.digits import DIGITS_IMAGE_SIZE, DIGITS_LABELS, DIGITS_MEAN, DIGITS_STD
+    from vitopt.ir.encoder import EncoderMeta
+
+    size = DIGITS_IMAGE_SIZE if isinstance(DIGITS_IMAGE_SIZE, tuple) else (DIGITS_IMAGE_SIZE,) * 2
+    return EncoderMeta(source="builtin:digits-vit", image_size=tuple(size), in_chans=3,
+                       mean=tuple(DIGITS_MEAN), std=tuple(DIGITS_STD), labels=list(DIGITS_LABELS))
+
+
+def trace_digits_vit(example=None):
+    """build_digits_vit() traced into the IR with digits_meta() (what `builtin:digits-vit` gives)."""
+    from vitopt.frontend.trace import trace
+
+    return trace(build_digits_vit(), example, meta=digits_meta())
+
+
 # ---------------------------------------------------------------------------- Hugging Face
 
 def digits_vit_hf_config():

@@ -8,6 +8,13 @@ identity. Activations go through the same per-row fixed-point rounding as the in
 (straight-through too). Everything else in the IR (norms, biases, the layers that stay
 multiply, the head) trains along with it.
 
+Add-attention (reparam_shiftadd attention=add): the AddAttention stages (vitopt.ir.add_attention)
+are already in the IR when this runs; their hashing projections and offsets train with the
+rest, through the straight-through sign their training mode uses (forward sign, backward the
+gradient of clamp(z, -1, 1); Ecoformer, Liu et al. 2022, and ShiftAddViT, You et al. 2023, learn
+their binary codes this way too), at HASH_LR_SCALE times the learning rate: the projections are
+whitened (entries of order 1), so at the network's rate they would hardly move in a short run.
+
 Deterministic for a seed and thread count (vitopt.data.proxy's settings: 2 threads,
 deterministic algorithms), labelled images from `builtin:digits` (train split) or an image
 folder (its train/ subfolder when present); progress goes to stderr, one line per epoch.
@@ -30,6 +37,8 @@ BATCH = 32
 WEIGHT_DECAY = 0.0
 MAX_SHIFT_PIXELS = 2
 LABEL_SMOOTHING = 0.1
+HASH_LR_SCALE = 10.0
+HASH_PARAMS = ("hash_proj", "hash_offset")
 
 
 class TrainableShift(nn.Module):
@@ -58,6 +67,16 @@ class TrainableShift(nn.Module):
         return ShiftLinear(codes, self.scale, self.bias, self.max_shift, self.act_bits)
 
 
+def _param_groups(ir) -> list:
+    """AdamW groups: the add-attention hashing parameters at HASH_LR_SCALE x, the rest at 1 x."""
+    hashing, rest = [], []
+    for name, p in ir.named_parameters():
+        if p.is_floating_point():
+            (hashing if name.rsplit(".", 1)[-1] in HASH_PARAMS else rest).append(p)
+    return [g for g in ({"params": rest, "scale": 1.0},
+                        {"params": hashing, "scale": HASH_LR_SCALE}) if g["params"]]
+
+
 def load_train_split(spec: str, ir) -> Tuple[torch.Tensor, torch.Tensor]:
     from vitopt.data.folder import resolve_dataset
     meta = ir.meta
@@ -71,7 +90,8 @@ def finetune(ir, originals: Dict[str, Tuple[nn.Module, str, nn.Linear]], *, imag
              verbose: bool = True) -> dict:
     """Train `ir` with TrainableShift in place of each original Linear named in `originals`
     ({name: (stage, attribute, linear)}), then put the frozen ShiftLinears there. In place.
-    Returns {"epochs", "seconds", "final_loss"}."""
+    Add-attention hashing parameters in `ir` train too (see the module docstring).
+    Returns {"epochs", "lr", "seconds", "final_loss"}."""
     from vitopt.data.proxy import _deterministic, _lr_at, _random_shift
     trainables = {}
     for name, (stage, attr, linear) in originals.items():
@@ -84,10 +104,11 @@ def finetune(ir, originals: Dict[str, Tuple[nn.Module, str, nn.Linear]], *, imag
         with _deterministic(2):
             torch.manual_seed(seed)
             gen = torch.Generator().manual_seed(seed)
-            params = [p for p in ir.parameters() if p.is_floating_point()]
-            for p in params:
-                p.requires_grad_(True)
-            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
+            groups = _param_groups(ir)
+            for group in groups:
+                for p in group["params"]:
+                    p.requires_grad_(True)
+            optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=WEIGHT_DECAY)
             steps = epochs * math.ceil(images.shape[0] / BATCH)
             step = 0
             ir.train()
@@ -97,7 +118,7 @@ def finetune(ir, originals: Dict[str, Tuple[nn.Module, str, nn.Linear]], *, imag
                 for start in range(0, len(order), BATCH):
                     idx = order[start:start + BATCH]
                     for group in optimizer.param_groups:
-                        group["lr"] = lr * _lr_at(step, steps, 0)
+                        group["lr"] = lr * group["scale"] * _lr_at(step, steps, 0)
                     x = _random_shift(images[idx], MAX_SHIFT_PIXELS, gen)
                     loss = F.cross_entropy(ir(x), labels[idx], label_smoothing=LABEL_SMOOTHING)
                     optimizer.zero_grad(set_to_none=True)
@@ -116,5 +137,5 @@ def finetune(ir, originals: Dict[str, Tuple[nn.Module, str, nn.Linear]], *, imag
             p.requires_grad_(flag)
         for name, (stage, attr, _) in originals.items():
             setattr(stage, attr, trainables[name].freeze())
-    return {"epochs": epochs, "seconds": round(time.perf_counter() - started, 2),
+    return {"epochs": epochs, "lr": lr, "seconds": round(time.perf_counter() - started, 2),
             "final_loss": round(loss_avg, 4)}

@@ -147,10 +147,14 @@ class AttentionQuant(nn.Module):
 
 
 def quant_layers(ir) -> dict:
-    """{"attn3.qkv": QuantLinear, ...} over the IR's stages."""
+    """{"stem.patch": ..., "attn3.qkv": QuantLinear, ...} over the IR's stages (the stem's
+    patch convolution as an int8 GEMM: vitopt.ir.quant_stem)."""
     found = {}
     for stage in ir.stages:
         prefix = f"{stage.kind}{getattr(stage, 'block', '')}"
+        if stage.kind == "stem":
+            found.update({f"{prefix}.patch": m for m in stage.modules() if isinstance(m, QuantLinear)})
+            continue
         for name, module in stage.named_children():
             if isinstance(module, QuantLinear):
                 found[f"{prefix}.{name}"] = module

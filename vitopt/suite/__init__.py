@@ -14,8 +14,10 @@ plots, and `update_readme` regenerates the README's headline table from the JSON
 
 One module per job: matrix (the data files), models (builders, random init, no downloads),
 peers (each engine set up as its documentation recommends), cells (vitopt and peer cells),
-runner (build, check, time), machine (CPU/GPU and versions), schema (a small JSON Schema
-validator), tables (Markdown and the README headline), plots (PNG).
+runner (build, check, time), isolation + cell_worker (each cell in its own process with a
+time limit: always on cuda, `--isolate` elsewhere; a crash or hang is a failed record),
+machine (CPU/GPU and versions), schema (a small JSON Schema validator), tables (Markdown and
+the README headline), plots (PNG).
 """
 from vitopt.suite.matrix import Matrix, load_matrix
 from vitopt.suite.runner import SuiteResult, run_suite

@@ -29,6 +29,28 @@ def write_outputs(result: SuiteResult, out: Union[str, Path],
     return write_document(result.to_json(), out, schema)
 
 
+def write_partial(result: SuiteResult, out: Union[str, Path],
+                  schema: Optional[Union[str, Path]] = None) -> List[Path]:
+    """suite.json and suite.md of a run still going (suite.complete false), after each cell of
+    an isolated run: a run killed from outside still leaves its finished cells."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = result.to_json()
+    schema = schema or (DEFAULT_SCHEMA if DEFAULT_SCHEMA.exists() else None)
+    if schema is not None:
+        check_document(doc, schema)
+    files = [out / "suite.json", out / "suite.md"]
+    _write_atomic(files[0], json.dumps(doc, indent=1) + "\n")
+    _write_atomic(files[1], results_markdown(doc))
+    return files
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
 def rewrite_from(results: Union[str, Path], schema: Optional[Union[str, Path]] = None) -> List[Path]:
     """Regenerate suite.md, README.md and the plots next to an existing suite.json."""
     results = Path(results)
@@ -45,7 +67,7 @@ def write_document(doc: dict, out: Union[str, Path],
     for stale in out.glob("*.png"):
         stale.unlink()
     files = [out / "suite.json", out / "suite.md", out / "README.md"]
-    files[0].write_text(json.dumps(doc, indent=1) + "\n")
+    _write_atomic(files[0], json.dumps(doc, indent=1) + "\n")
     files[1].write_text(results_markdown(doc))
     files[2].write_text(_readme(doc))
     files += plot_pareto(doc["records"], out) + plot_speedup(doc["records"], out)
@@ -57,7 +79,8 @@ def _readme(doc: dict) -> str:
     method = METHOD_DOC.split("Method, recorded with the results:", 1)[1].split("A cell that", 1)[0]
     return (f"# Benchmark suite results: {suite['name']}\n\n"
             f"The latest run of `{suite['command']}` on {machine['cpu']['model']} "
-            f"({machine['cpu']['cores_available']} cores, {machine['threads']} threads), "
+            f"({machine['cpu']['cores_available']} cores, {machine['threads']} threads"
+            + (f"; GPU {machine['gpu']['name']}" if machine.get("gpu") else "") + "), "
             f"{machine['date']}. The machine is shared with other work: numbers move between "
             f"runs; ratios within one run are what to compare.\n\n"
             f"- `suite.json`: one record per cell and batch (schema: "

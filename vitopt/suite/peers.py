@@ -308,3 +308,17 @@ PEERS: Dict[str, Callable[[PeerContext], Built]] = {
     "torch-eager-fp16": torch_eager_fp16,
     "torch-compile-max-autotune": torch_compile_max_autotune,
 }
+
+#: Where each peer runs; a matrix naming a peer for another device is refused when it loads.
+PEER_DEVICES: Dict[str, tuple] = {
+    "torch-eager-fp32": ("cpu", "cuda"),
+    "torch-bf16-autocast": ("cpu", "cuda"),
+    "torch-compile": ("cpu", "cuda"),
+    "ort-fp32": ("cpu",),
+    "ort-int8": ("cpu",),
+    "ov-fp32": ("cpu",),
+    "ov-bf16": ("cpu",),
+    "ov-nncf-int8": ("cpu",),
+    "torch-eager-fp16": ("cuda",),
+    "torch-compile-max-autotune": ("cuda",),
+}

@@ -18,6 +18,12 @@ Method, recorded with the results:
   FLOPs        vitopt's EncoderIR.flops() per image: of the model for peers, after the passes
                for vitopt cells
 A cell that fails to build or run is recorded with status "error" and the message.
+
+Isolation (always on cuda; `isolate=True` / `--isolate` elsewhere): each cell runs in its own
+child process with a time limit (vitopt/suite/isolation.py), so a segfault, a hang or an
+out-of-memory kill costs that cell only and becomes a failed record with a `failure` object
+(signal, exit code, timeout, the tail of its output). Isolated cells are timed alone, not
+interleaved, and the results file is rewritten after every cell.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -53,6 +59,7 @@ class Cell:
     cosine: Optional[float] = None
     max_abs: Optional[float] = None
     top1: Optional[float] = None
+    failure: Optional[dict] = None  # isolated cells: how the child process failed
 
 
 @dataclass
@@ -63,12 +70,13 @@ class SuiteResult:
     records: List[dict] = field(default_factory=list)
     seconds: float = 0.0
     command: str = ""
+    complete: bool = True
 
     def to_json(self) -> dict:
         return {"schema_version": SCHEMA_VERSION,
                 "suite": {"name": self.matrix.name, "matrix_file": self.matrix.path,
                           "description": self.matrix.description, "command": self.command,
-                          "seconds": round(self.seconds, 1)},
+                          "seconds": round(self.seconds, 1), "complete": self.complete},
                 "machine": self.machine, "method": self.method, "records": self.records}
 
 
@@ -77,11 +85,21 @@ def _rss_mb() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def method_of(matrix: Matrix) -> dict:
+def method_of(matrix: Matrix, isolation=None) -> dict:
     t = matrix.timing
+    extra = {}
+    if isolation is not None:
+        extra["isolation"] = (f"each cell in its own child process (python -m "
+                              f"vitopt.suite.cell_worker), at most {isolation.timeout_s:.0f} s "
+                              f"per cell" + (f", {isolation.budget_s:.0f} s for the whole suite"
+                                             if isolation.budget_s else "")
+                              + "; a crash, kill or timeout is a failed record")
     return {"warmup": t.warmup, "runs_per_round": t.runs, "rounds": t.rounds,
             "samples": t.runs * t.rounds, "statistic": "median, p10, p90, min (ms per call)",
-            "interleaved": "all cells of one model and batch, round-robin rounds",
+            "interleaved": ("no: isolated cells are timed alone, one after another, rounds "
+                            "back to back" if isolation is not None else
+                            "all cells of one model and batch, round-robin rounds"),
+            **extra,
             "memory": "RSS delta (/proc/self/statm) around build + one call at the largest batch",
             "flops": "vitopt EncoderIR.flops() per image",
             "accuracy": "top-1 on builtin:digits test split (PROXY, not ImageNet)",
@@ -90,19 +108,43 @@ def method_of(matrix: Matrix) -> dict:
             "threads": matrix.threads or torch.get_num_threads()}
 
 
-def run_suite(matrix: Matrix, *, log: Log = lambda m: None, command: str = "") -> SuiteResult:
-    """Run every group of `matrix` and return the records (nothing is written)."""
+def run_suite(matrix: Matrix, *, log: Log = lambda m: None, command: str = "",
+              isolation=None, on_progress: Optional[Callable[[SuiteResult], None]] = None
+              ) -> SuiteResult:
+    """Run every group of `matrix` and return the records (nothing is written here).
+
+    isolation: a vitopt.suite.isolation.Isolation to run each cell in its own process (the
+    default on cuda: Isolation.for_matrix(matrix)); None on the CPU runs them in this one.
+    on_progress(result): called with the records so far (result.complete False) after every
+    isolated cell and every in-process group, so a caller can save partial results."""
+    from vitopt.suite.isolation import Isolation, run_group_isolated
     started = time.perf_counter()
+    if isolation is None and matrix.device == "cuda":
+        isolation = Isolation.for_matrix(matrix)
     if matrix.threads:
         torch.set_num_threads(matrix.threads)
-    result = SuiteResult(matrix, machine_info(matrix.threads, matrix.device), method_of(matrix),
-                         command=command)
+    result = SuiteResult(matrix, machine_info(matrix.threads, matrix.device),
+                         method_of(matrix, isolation), command=command)
     total = sum(len(g.peers) + len(g.vitopt) for g in matrix.groups)
     progress = _Progress(total, log)
     log(f"suite {matrix.name}: {len(matrix.groups)} model(s), {total} cells, threads "
-        f"{result.method['threads']}, {matrix.timing.runs}x{matrix.timing.rounds} timed runs")
-    for group in matrix.groups:
-        result.records += run_group(matrix, group, progress, log)
+        f"{result.method['threads']}, {matrix.timing.runs}x{matrix.timing.rounds} timed runs"
+        + (", each cell isolated in its own process" if isolation is not None else ""))
+
+    def emit(records: List[dict]) -> None:
+        if on_progress is not None:
+            partial = SuiteResult(matrix, result.machine, result.method, records,
+                                  time.perf_counter() - started, command, complete=False)
+            on_progress(partial)
+
+    for index, group in enumerate(matrix.groups):
+        if isolation is not None:
+            done = list(result.records)
+            result.records += run_group_isolated(matrix, index, progress, log, isolation,
+                                                 lambda records: emit(done + records))
+        else:
+            result.records += run_group(matrix, group, progress, log)
+            emit(list(result.records))
     result.seconds = time.perf_counter() - started
     log(f"suite {matrix.name} done in {result.seconds:.0f}s")
     return result
@@ -117,31 +159,103 @@ class _Progress:
         self.log(f"[{self.done}/{self.total}, {time.perf_counter() - self.started:.0f}s] {message}")
 
 
-def run_group(matrix: Matrix, group: Group, progress: _Progress, log: Log) -> List[dict]:
+def model_flops(model: SuiteModel) -> int:
+    """FLOPs per image of the plain model (vitopt's IR count), for the peers' records."""
     import vitopt
+    return vitopt.trace(model.module, model.example()).flops()
+
+
+def empty_cells(group: Group) -> List[Cell]:
+    """The group's cells, not built yet: its peers, then its vitopt configurations."""
+    return ([Cell(peer, "peer", "peer") for peer in group.peers]
+            + [Cell(c.name, "vitopt", c.kind, c) for c in group.vitopt])
+
+
+def _builder(matrix: Matrix, group: Group, model: SuiteModel, ctx: PeerContext, tmp: Path,
+             index: int) -> Callable[[], Built]:
+    """What builds cell `index` of empty_cells(group)."""
+    if index < len(group.peers):
+        peer = group.peers[index]
+        return lambda: PEERS[peer](ctx)
+    config_index = index - len(group.peers)
+    config = group.vitopt[config_index]
+
+    def build() -> Built:
+        from vitopt.suite.vitopt_cell import build_vitopt
+        return build_vitopt(model, config, tmp / f"vitopt-{config_index}.vitopt",
+                            device=matrix.device, max_batch=max(group.batches),
+                            threads=matrix.threads)
+    return build
+
+
+def _context(matrix: Matrix, group: Group, model: SuiteModel, tmp: Path) -> PeerContext:
+    return PeerContext(model.module, model.example(), min(group.batches), tmp, matrix.threads,
+                       matrix.device, _calib_loader(model, matrix.calib_images))
+
+
+def _measure_cells(cells: List[Cell], matrix: Matrix, group: Group, model: SuiteModel,
+                   log: Log) -> Dict[int, dict]:
+    _check_numerics(cells, model, min(group.batches), log)
+    if model.proxy:
+        _accuracy(cells, max(group.batches), log)
+    return {batch: _time_batch(cells, model, batch, matrix, log) for batch in group.batches}
+
+
+def run_group(matrix: Matrix, group: Group, progress: _Progress, log: Log) -> List[dict]:
     model = build_model(group.model)
-    example = model.example()
-    base_flops = vitopt.trace(model.module, example).flops()
+    base_flops = model_flops(model)
     log(f"{group.model}: {model.description}; {base_flops / 1e9:.2f} GFLOPs/image")
     max_batch = max(group.batches)
     with tempfile.TemporaryDirectory(prefix=f"vitopt-suite-{group.model}-") as tmp:
-        ctx = PeerContext(model.module, example, min(group.batches), Path(tmp), matrix.threads,
-                          matrix.device, _calib_loader(model, matrix.calib_images))
-        cells = [_build(Cell(peer, "peer", "peer"), lambda p=peer: PEERS[p](ctx), max_batch,
-                        model, progress) for peer in group.peers]
-        for index, config in enumerate(group.vitopt):
-            from vitopt.suite.vitopt_cell import build_vitopt
-            cells.append(_build(Cell(config.name, "vitopt", config.kind, config),
-                                lambda c=config, i=index: build_vitopt(
-                                    model, c, Path(tmp) / f"vitopt-{i}.vitopt",
-                                    device=matrix.device, max_batch=max_batch,
-                                    threads=matrix.threads),
-                                max_batch, model, progress))
-        _check_numerics(cells, model, min(group.batches), log)
-        if model.proxy:
-            _accuracy(cells, max_batch, log)
-        timings = {batch: _time_batch(cells, model, batch, matrix, log) for batch in group.batches}
+        ctx = _context(matrix, group, model, Path(tmp))
+        cells = [_build(cell, _builder(matrix, group, model, ctx, Path(tmp), index), max_batch,
+                        model, progress) for index, cell in enumerate(empty_cells(group))]
+        timings = _measure_cells(cells, matrix, group, model, log)
         return _records(matrix, group, model, base_flops, cells, timings)
+
+
+def run_cell(matrix: Matrix, group: Group, index: int, log: Log) -> dict:
+    """Build, check and time cell `index` of empty_cells(group) alone, in this process; the
+    result as JSON data (what an isolated cell's child process hands back, cell_payload)."""
+    model = build_model(group.model)
+    progress = _Progress(1, log)
+    with tempfile.TemporaryDirectory(prefix=f"vitopt-suite-{group.model}-") as tmp:
+        ctx = _context(matrix, group, model, Path(tmp))
+        cell = _build(empty_cells(group)[index],
+                      _builder(matrix, group, model, ctx, Path(tmp), index),
+                      max(group.batches), model, progress)
+        timings = _measure_cells([cell], matrix, group, model, log)
+        return cell_payload(cell, timings)
+
+
+def cell_payload(cell: Cell, timings: Dict[int, dict]) -> dict:
+    built = cell.built
+    return {"cell": cell.name, "error": cell.error, "rss_delta_mb": cell.rss_delta_mb,
+            "cosine": cell.cosine, "max_abs": cell.max_abs, "top1": cell.top1,
+            "built": None if built is None else {
+                "engine": built.engine, "precision": built.precision, "how": built.how,
+                "version": built.version, "artifact_bytes": built.artifact_bytes,
+                "compile_s": built.compile_s, "extra": built.extra},
+            "timings": {str(b): {name: t.to_dict() for name, t in v["timings"].items()}
+                        for b, v in timings.items()},
+            "errors": {str(b): v["errors"] for b, v in timings.items()}}
+
+
+def cell_from_payload(cell: Cell, payload: dict) -> Tuple[Cell, Dict[int, dict]]:
+    """The Cell (with a run-less Built for its record) and its timings, from cell_payload()."""
+    from vitopt.timing import Timing
+    info = payload.get("built")
+    cell.error = payload.get("error")
+    cell.rss_delta_mb, cell.top1 = payload.get("rss_delta_mb"), payload.get("top1")
+    cell.cosine, cell.max_abs = payload.get("cosine"), payload.get("max_abs")
+    if info is not None:
+        cell.built = Built(None, None, info["engine"], info["precision"], info["how"],
+                           info["version"], info["artifact_bytes"], info["compile_s"],
+                           info.get("extra") or {})
+    timings = {int(b): {"timings": {n: Timing(**t) for n, t in v.items()},
+                        "errors": payload.get("errors", {}).get(b, {})}
+               for b, v in payload.get("timings", {}).items()}
+    return cell, timings
 
 
 def _calib_loader(model: SuiteModel, count: int):
@@ -180,6 +294,8 @@ def _build(cell: Cell, build, max_batch: int, model: SuiteModel, progress: _Prog
 def _as_numpy(output) -> np.ndarray:
     if isinstance(output, torch.Tensor):
         return output.detach().float().cpu().numpy()
+    if not isinstance(output, np.ndarray) and hasattr(output, "numpy"):   # a TVM tensor
+        output = output.numpy()
     return np.asarray(output, dtype=np.float32)
 
 
@@ -253,7 +369,8 @@ def _records(matrix: Matrix, group: Group, model: SuiteModel, base_flops: int,
              cells: List[Cell], timings: Dict[int, dict]) -> List[dict]:
     records = []
     for batch in group.batches:
-        times, errors = timings[batch]["timings"], timings[batch]["errors"]
+        per_batch = timings.get(batch, {"timings": {}, "errors": {}})
+        times, errors = per_batch["timings"], per_batch["errors"]
         peers = {c.name: times[c.name].median_ms for c in cells
                  if c.kind == "peer" and c.name in times}
         best_peer = min(peers, key=peers.get) if peers else None
@@ -300,4 +417,5 @@ def _record(matrix, model, base_flops, cell: Cell, batch, timing, batch_error, b
         "cosine_vs_eager": cell.cosine, "max_abs_vs_eager": cell.max_abs,
         "top1": cell.top1, "proxy": model.proxy,
         "threads": matrix.threads or torch.get_num_threads(), "device": matrix.device,
+        "failure": cell.failure,
     }

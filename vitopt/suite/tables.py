@@ -71,9 +71,13 @@ def results_markdown(doc: dict) -> str:
              f"{machine['date']}. A shared, contended machine: compare ratios within one run.", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v), "",
              f"Method: {method['warmup']} warm-up calls, then {method['runs_per_round']} timed "
-             f"calls x {method['rounds']} interleaved rounds per cell ({method['interleaved']}); "
+             f"calls x {method['rounds']} rounds per cell (interleaved: {method['interleaved']}); "
              f"{method['statistic']}. Memory: {method['memory']}. FLOPs: {method['flops']}. "
-             f"Accuracy: {method['accuracy']}. Calibration: {method['calibration']}.", "",
+             f"Accuracy: {method['accuracy']}. Calibration: {method['calibration']}."
+             + (f" Isolation: {method['isolation']}." if method.get("isolation") else ""), "",
+             *([] if suite.get("complete", True) else
+               ["**Partial results: this run had not finished when this file was written "
+                "(it was still running, or it was killed).**", ""]),
              "## Headline", "", headline_markdown(doc["records"]), ""]
     for (model,), records in _by(doc["records"], "model").items():
         lines += [f"## {model}", "", records[0]["model_description"], ""]
