@@ -233,5 +233,29 @@ def test_given_thresholds_are_kept_and_torch_backends_are_refused(tmp_path):
     new = run_pass(ir, "insert_exit_heads", blocks=(1,), thresholds=(0.6,)).ir
     result = calibrate_thresholds(new, images, torch.arange(8) % 7, 0.0)
     assert result["thresholds"] == [0.6] and exit_stages(new)[0].threshold == 0.6
-    with pytest.raises(ConfigError, match="one ONNX engine per segment.*openvino or onnxruntime"):
+    with pytest.raises(ConfigError, match="builds from torch modules"):
         build_exported([], None, get_backend("aotinductor"), tmp_path, precision="fp32", max_batch=2)
+    from vitopt.exits.lower import build_segment_engines
+    with pytest.raises(ConfigError, match="tvm backend cannot build segments.*aotinductor"):
+        build_segment_engines(new, get_backend("tvm"), images[:3], tmp_path, precision="fp32",
+                              max_batch=2)
+
+
+def test_segments_on_aotinductor_compile_load_and_match(tmp_path):
+    """AOTInductor builds each segment from its torch module (tokens and sizes in, several
+    outputs), the artifact loads, and outputs follow the per-sample reference executor."""
+    import vitopt
+    model, images, _ = deep_tiny()
+    folder = _image_folder(tmp_path / "data", classes=7, per_class=5)
+    report = vitopt.compile(model, tmp_path / "m.vitopt", backend="aotinductor", precision="fp32",
+                            passes=("merge_tokens:r=2", "insert_exit_heads:blocks=1,2"),
+                            train=str(folder), exit_epochs=1, max_batch=8, measure=False,
+                            image_size=20)
+    segments = report.manifest["exits"]["segments"]
+    assert [s["files"][0] for s in segments] == [f"segment{k}.model.pt2" for k in range(3)]
+    assert segments[1]["inputs"] == ["tokens_in", "size_in"]
+    runtime = vitopt.load(tmp_path / "m.vitopt")
+    ir = report.pipeline.ir
+    reference, _ = run_with_exits(ir, images)
+    out = runtime(images.numpy())
+    assert out.shape == (8, 7) and compare(out, reference, "fp32", "aotinductor").ok

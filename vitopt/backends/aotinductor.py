@@ -110,6 +110,17 @@ class AOTInductorEngine(Engine):
             out = out[0]
         return out.float().cpu().numpy()
 
+    def run_all(self, inputs) -> list:
+        """Several inputs in the module's order -> every output (segments of an early-exit
+        model: images or tokens[, sizes] in; logits, tokens[, sizes] out)."""
+        import torch
+
+        xs = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device, self.dtype) for a in inputs]
+        with torch.no_grad(), self._thread_count():
+            out = self.runner(*xs)
+        out = out if isinstance(out, (list, tuple)) else [out]
+        return [o.float().cpu().numpy() for o in out]
+
     def _thread_count(self):
         import torch
 
@@ -180,11 +191,15 @@ class AOTInductorBackend(Backend):
 
     def build_module(self, module, example, out_dir: Path, *, precision: str, max_batch: int,
                      device: str = "cpu", tuning: str = "default", threads: Optional[int] = None,
-                     options: Optional[Mapping[str, object]] = None) -> List[str]:
+                     options: Optional[Mapping[str, object]] = None,
+                     name: str = "") -> List[str]:
         """Compile `module` (images [B,C,H,W] -> tensor) into out_dir; return the file names.
 
-        example: float32 images; only their shape [C,H,W] matters. options: extra
-        torch._inductor.config settings ({"name": value}), applied last and recorded.
+        example: float32 images; only their shape [C,H,W] matters. A tuple of tensors instead
+        compiles a module of several inputs, all with the batch first (an early-exit segment:
+        tokens [B,N,D] and sizes [B,N,1]). options: extra torch._inductor.config settings
+        ({"name": value}), applied last and recorded. name: a prefix for the file names, so
+        several packages (segments) share one folder.
         """
         import torch
 
@@ -199,21 +214,24 @@ class AOTInductorBackend(Backend):
         configs = inductor_configs(device, tuning, threads, options)
         dtype = getattr(torch, DTYPES[precision])
         module = copy.deepcopy(module).eval().to(device=device, dtype=dtype)
-        images = _example(example, device, dtype)
-        program = _export(module, images, max_batch)
+        inputs = (tuple(_batch_of_two(t, device, dtype) for t in example)
+                  if isinstance(example, (tuple, list)) else (_example(example, device, dtype),))
+        images = inputs[0]
+        program = _export(module, inputs, max_batch)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
+        package, record_file = f"{name}{PACKAGE}", f"{name}{RECORD}"
         try:
-            torch._inductor.aoti_compile_and_package(program, package_path=str(out_dir / PACKAGE),
+            torch._inductor.aoti_compile_and_package(program, package_path=str(out_dir / package),
                                                      inductor_configs=dict(configs))
         except Exception as exc:  # Inductor raises many types (codegen, C++ compile, Triton)
             raise LoweringError(f"AOTInductor could not compile the module for {device} "
                                 f"{precision}: {_first_line(exc)}") from exc
         record = build_record(device, precision, max_batch, tuning, threads, configs,
                               list(images.shape[1:]), time.perf_counter() - started)
-        (out_dir / RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
-        return [PACKAGE, RECORD]
+        (out_dir / record_file).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        return [package, record_file]
 
     def _check_request(self, precision: str, device: str, tuning: str) -> None:
         if device not in DEVICES:
@@ -424,7 +442,12 @@ def _example(example, device: str, dtype):
     return example[:1].expand(2, -1, -1, -1).contiguous().to(device=device, dtype=dtype)
 
 
-def _export(module, images, max_batch: int):
+def _batch_of_two(tensor, device: str, dtype):
+    """Two rows of a segment input (a batch of 1 would make torch.export specialize it)."""
+    return tensor[:1].expand(2, *tensor.shape[1:]).contiguous().to(device=device, dtype=dtype)
+
+
+def _export(module, inputs: tuple, max_batch: int):
     import torch
     from torch.export import Dim
 
@@ -432,7 +455,8 @@ def _export(module, images, max_batch: int):
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.export.export(module, (images,), dynamic_shapes=({0: batch},))
+            return torch.export.export(module, tuple(inputs),
+                                       dynamic_shapes=tuple({0: batch} for _ in inputs))
     except Exception as exc:  # torch.export raises many types; report them as one
         raise LoweringError(f"torch.export could not export the module for AOTInductor with a "
                             f"dynamic batch: {_first_line(exc)}") from exc

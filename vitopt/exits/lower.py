@@ -1,4 +1,5 @@
-"""Lower each segment of an IR with exits to ONNX and build it as its own engine.
+"""Lower each segment of an IR with exits to ONNX (or, on AOTInductor, compile its torch
+module) and build it as its own engine.
 
 Segment 0: input "images" [B, C, H, W]; later segments: "tokens_in" [B, N, D] (+ "size_in"
 [B, N, 1] after token merging). Exit segments return "logits" [B, classes], "tokens" (+ "size"); the
@@ -107,9 +108,8 @@ def build_exported(exported: list, plan: SegmentPlan, backend, build_dir: Path, 
                    max_batch: int, threads=None, log=None) -> list:
     """Build each exported segment with `backend`; returns [{"files", "inputs", "outputs", ...}]."""
     if getattr(backend, "input_format", "onnx") != "onnx":
-        raise ConfigError(f"early exits are deployed as one ONNX engine per segment; the "
-                          f"{backend.name} backend builds from torch modules. Use --backend "
-                          f"openvino or onnxruntime")
+        raise ConfigError(f"build_exported builds ONNX segments; the {backend.name} backend "
+                          f"builds from torch modules: use build_segment_engines")
     built = []
     for k, (path, names) in enumerate(exported):
         files = backend.build(path, build_dir, precision=precision, max_batch=max_batch,
@@ -122,11 +122,41 @@ def build_exported(exported: list, plan: SegmentPlan, backend, build_dir: Path, 
     return built
 
 
+#: Backends that build from torch modules and can build a segment (several batch-first inputs
+#: and outputs): AOTInductor. TVM imports whole encoder IRs only; TensorRT has never run here.
+TORCH_SEGMENT_BACKENDS = ("aotinductor",)
+
+
+def build_torch_segments(ir, backend, example: torch.Tensor, build_dir: Path, *, precision: str,
+                         max_batch: int, threads=None, log=None) -> Tuple[list, SegmentPlan]:
+    """Build each segment module with backend.build_module (files named segment{k}.*)."""
+    if backend.name not in TORCH_SEGMENT_BACKENDS:
+        raise ConfigError(f"early exits are deployed as one engine per segment on "
+                          f"{', '.join(('openvino', 'onnxruntime') + TORCH_SEGMENT_BACKENDS)}; the "
+                          f"{backend.name} backend cannot build segments yet. Use --backend openvino, "
+                          f"onnxruntime or aotinductor")
+    segments, plan = build_segments(ir)
+    built = []
+    for k, (segment, inputs) in enumerate(zip(segments, segment_examples(segments, example))):
+        files = backend.build_module(segment, inputs[0] if k == 0 else tuple(inputs), build_dir,
+                                     precision=precision, max_batch=max_batch, threads=threads,
+                                     name=f"segment{k}.")
+        names = segment_io(plan, k)
+        built.append({"files": files, "inputs": names[0],
+                      "outputs": names[1], "stages": list(plan.bounds[k]),
+                      "tokens_in": plan.tokens_in[k]})
+        if log:
+            log(f"segment {k}: stages {plan.bounds[k][0]}..{plan.bounds[k][1] - 1}, inputs "
+                f"{', '.join(names[0])} -> {', '.join(names[1])}: built ({backend.name})")
+    return built, plan
+
+
 def build_segment_engines(ir, backend, example: torch.Tensor, build_dir: Path, *, precision: str,
                           max_batch: int, threads=None, log=None) -> Tuple[list, SegmentPlan]:
     """Export and build every segment; returns ([{"files", "inputs", "outputs"}], plan)."""
     if getattr(backend, "input_format", "onnx") != "onnx":
-        build_exported([], None, backend, build_dir, precision=precision, max_batch=max_batch)
+        return build_torch_segments(ir, backend, example, build_dir, precision=precision,
+                                    max_batch=max_batch, threads=threads, log=log)
     exported, plan = export_segments(ir, example, build_dir.parent / "segments-onnx")
     return build_exported(exported, plan, backend, build_dir, precision=precision,
                           max_batch=max_batch, threads=threads, log=log), plan
