@@ -262,8 +262,9 @@ def _attention_observer(stage: Attention, observers, gen, softmax: bool):
 
 
 def _quantize_stem(ir, images, cfg, notes: List[str]) -> Optional[dict]:
-    """Swap the stem's patch convolution for a QuantConv2d with a min/max input range over the
-    calibration images; None (and a note) where the stem has no single constant convolution."""
+    """Swap the stem's patch convolution for a QuantPatchConv (int8 GEMM over the patches) with
+    a min/max input range over the calibration images; None (and a note) where the stem has no
+    single patchify convolution."""
     stem = next((s for s in ir.stages if isinstance(s, Stem)), None)
     node, why = patch_conv_node(stem) if stem is not None else (None, "no stem stage")
     if node is None:

@@ -10,7 +10,7 @@ Sessions stop their intra-op threads' spinning at the end of every run
 (session.force_spinning_stop): threads still spin while a run lasts, but an engine whose run
 returned no longer burns the cores the next engine needs. Without it, an early-exit model's
 segment engines (one session each, run back to back) spun against each other: the digits
-proxy split in three ran 2.3x slower than unsplit at batch 1, 1.07x with it
+proxy split in three ran 2.3x slower than unsplit at batch 1, 1.07-1.21x with it
 (benchmarks/early_exit.py, 2026-11-27).
 """
 from __future__ import annotations

@@ -17,6 +17,7 @@ several) stay in float.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -93,28 +94,26 @@ def patch_conv_node(stem) -> tuple:
 
 
 def _pair(value, default) -> tuple:
+    """A conv2d stride/padding/dilation argument (None, an int, or one or two ints) as a pair."""
     value = default if value is None else value
-    return tuple(value) * (2 if len(tuple(value)) == 1 else 1) if isinstance(value, (list, tuple)) \
-        else (int(value), int(value))
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value) * (2 // len(value))
+    return (int(value),) * 2
 
 
 def _attr(module: nn.Module, target: str) -> torch.Tensor:
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
+    return operator.attrgetter(target)(module)
 
 
 def _drop_attr(module: nn.Module, target: str) -> None:
-    *path, name = target.split(".")
-    for part in path:
-        module = getattr(module, part)
-    delattr(module, name)
+    path, _, name = target.rpartition(".")
+    delattr(module.get_submodule(path), name)
 
 
 def insert_quant_conv(stem) -> QuantPatchConv:
     """Replace the stem's patch convolution by a QuantPatchConv whose linear is still float:
     calibrate its input (a forward pre-hook on `.linear` sees the patches), then call
-    `.quantize(range)`. Call patch_conv_node first: this raises where it found no node."""
+    `.quantize(range)`. Raises ValueError with patch_conv_node's reason where there is none."""
     node, why = patch_conv_node(stem)
     if node is None:
         raise ValueError(why)
