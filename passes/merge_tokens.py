@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from vitopt.errors import ConfigError
+from vitopt.ir.quant import QuantLinear, int8_key_projection
 from vitopt.ir.reduce import (MergeTokens, has_stage, insert_after_attention,
                               last_reduction_block, tail_refusal, tokens_at_attention,
                               tokens_at_end)
@@ -119,6 +120,9 @@ def merge_tokens(ir, config: MergeTokensConfig) -> PassResult:
         if r:
             attention = ir.attention_stages()[block]
             attention.record_keys = True
+            source = attention.qkv if attention.qkv is not None else attention.k
+            if isinstance(source, QuantLinear):  # merging after quantize_int8: int8 keys too
+                attention.merge_key_proj = int8_key_projection(attention, source.input_quant)
             insert_after_attention(ir, block, MergeTokens(
                 tokens_in=tokens_at_attention(ir, block), r=r, num_prefix_tokens=prefix,
                 embed_dim=attention.embed_dim, head_dim=attention.head_dim, block=block))

@@ -19,6 +19,10 @@ the MatMul; bias and LayerNorm outside any Q/DQ). ViT-specific handling:
     output is never min/max-quantized (FQ-ViT: its values span decades, min/max u8 rounds most
     of them to zero), except with `quantize_softmax=true`, which exists only as the naive
     baseline for benchmarks/quantization.py.
+  * Token merging's head-averaged keys (a merging block's small [D -> Dh] projection) become an
+    int8 layer too (`Attention.merge_key_proj`), reading the qkv's u8 input: as a float GEMM
+    beside an int8 qkv it kept OpenVINO from folding that quantizer into the LayerNorm (DeiT-S
+    balanced int8, batch 8: about 10 % slower). It follows the qkv (or k) into fp32 fallback.
 Calibration methods for activation ranges: `minmax`, `percentile` (clip at the given
 percentile), `mse` (default: the clipping with the least squared fake-quant error on the
 calibration activations). Sensitivity: the layer-local SQNR of every quantized linear on the
@@ -36,8 +40,9 @@ GEMM over the patches with a u8 input whose range is min/max over the calibratio
 (vitopt/ir/quant_stem.py), as OpenVINO + NNCF int8 does; the classifier head stays in float.
 Order: last: after token reduction (merge_tokens, prune_tokens), ShiftAdd and early exits, so
 calibration sees the reduced graph; after fuse_qkv (one GEMM to quantize, one range, not three).
-Cost: on the digits proxy about 0-0.5 top-1 points (tests/test_quantize_accuracy.py; naive
-min/max with quantized softmax beside it in benchmarks/quantization.py).
+Cost: on the digits proxy about 0-0.5 top-1 points, and at most 1.5 after the balanced token
+merging (97.50 fp32 -> 97.22 balanced + int8; tests/test_quantize_accuracy.py; naive min/max
+with quantized softmax beside it in benchmarks/quantization.py).
 Papers: Xiao et al. 2023, "SmoothQuant" (ICML); Li et al. 2023, "RepQ-ViT" (ICCV); Lin et al.
 2022, "FQ-ViT" (IJCAI); Yuan et al. 2022, "PTQ4ViT" (ECCV).
 """
@@ -51,7 +56,8 @@ import torch
 from torch import nn
 
 from vitopt.errors import ConfigError
-from vitopt.ir.quant import ActQuant, AttentionQuant, QuantLinear, fake_quant_u8, quant_layers
+from vitopt.ir.quant import (ActQuant, AttentionQuant, QuantLinear, fake_quant_u8, int8_key_projection,
+                             quant_layers)
 from vitopt.ir.precision import cast_dtype
 from vitopt.ir.quant_stem import insert_quant_conv, patch_conv_node
 from vitopt.ir.stages import Attention, Mlp, Stem
@@ -114,6 +120,17 @@ def target_linears(ir) -> Dict[str, Tuple[nn.Module, str]]:
                 if type(getattr(stage, attr, None)) is nn.Linear:
                     found[f"{_stage_name(stage)}.{attr}"] = (stage, attr)
     return found
+
+
+KEY_SOURCES = ("qkv", "k")  # the linears whose weights give a merging block's averaged keys
+
+
+def _use_layer(stage, attr: str, layer: nn.Module, key_layers: Dict[int, QuantLinear]) -> None:
+    """Put `layer` (the float Linear or its QuantLinear) at stage.attr. A merging block's int8
+    key projection (Attention.merge_key_proj) follows its key source into and out of int8."""
+    setattr(stage, attr, layer)
+    if id(stage) in key_layers and attr in KEY_SOURCES:
+        stage.merge_key_proj = key_layers[id(stage)] if isinstance(layer, QuantLinear) else None
 
 
 def _norm_consumers(stage) -> List[nn.Linear]:
@@ -310,7 +327,8 @@ def _layer_sqnr(ir, images, originals: Dict[str, nn.Linear], cfg) -> Dict[str, f
     return {n: 10 * math.log10(max(signal[n], 1e-30) / max(noise[n], 1e-30)) for n in layers}
 
 
-def _fit_accuracy_budget(ir, targets, originals, sqnr, fallback, cfg, context) -> List[str]:
+def _fit_accuracy_budget(ir, targets, originals, key_layers, sqnr, fallback, cfg,
+                         context) -> List[str]:
     """Return layers to fp32, lowest SQNR first, until top-1 on the eval images drops by at
     most cfg.max_accuracy_drop points against the float model."""
     import warnings
@@ -327,12 +345,12 @@ def _fit_accuracy_budget(ir, targets, originals, sqnr, fallback, cfg, context) -
     current = {n: getattr(*targets[n]) for n in targets}
     attn = {id(s): s.attn_quant for s in ir.attention_stages()}
     for n, (stage, attr) in targets.items():
-        setattr(stage, attr, originals[n])
+        _use_layer(stage, attr, originals[n], key_layers)
     for stage in ir.attention_stages():
         stage.attn_quant = None
     base = top1()  # the balanced float model: the same function as the input IR
     for n, (stage, attr) in targets.items():
-        setattr(stage, attr, current[n])
+        _use_layer(stage, attr, current[n], key_layers)
     for stage in ir.attention_stages():
         stage.attn_quant = attn[id(stage)]
     acc = top1()
@@ -340,7 +358,7 @@ def _fit_accuracy_budget(ir, targets, originals, sqnr, fallback, cfg, context) -
         if 100 * (base - acc) <= cfg.max_accuracy_drop:
             break
         stage, attr = targets[name]
-        setattr(stage, attr, originals[name])
+        _use_layer(stage, attr, originals[name], key_layers)
         fallback[name] = (f"accuracy budget: top-1 drop {100 * (base - acc):.2f} > "
                           f"{cfg.max_accuracy_drop} points (SQNR {sqnr[name]:.1f} dB)")
         acc = top1()
@@ -378,7 +396,7 @@ def quantize_int8(ir, cfg: QuantizeInt8Config, context) -> PassResult:
     alphas = smooth_layer_norms(ir, images, cfg.alpha, cfg.batch_size) if cfg.smooth else {}
     smoothed = sum(a is not None for a in alphas.values())
     observers = _calibrate(ir, images, targets, cfg)
-    ranges, originals = {}, {}
+    ranges, originals, key_layers = {}, {}, {}
     for name, (stage, attr) in targets.items():
         keep_min = attr == "fc2"  # post-GELU: asymmetric, keep the true minimum
         lo, hi = observers[name].range(cfg.method, cfg.percentile, keep_min)
@@ -387,10 +405,11 @@ def quantize_int8(ir, cfg: QuantizeInt8Config, context) -> PassResult:
         except ValueError as exc:
             raise ConfigError(f"quantize_int8: {name}: {exc}; use other calibration images") from exc
         originals[name] = getattr(stage, attr)
-        # Token merging reads the qkv/k weights for its head-averaged keys: give that path a
-        # float copy so the int8 GEMM keeps its own DequantizeLinear (vitopt/ir/quant.py).
-        keys = isinstance(stage, Attention) and stage.record_keys and attr in ("qkv", "k")
-        setattr(stage, attr, QuantLinear(originals[name], quant, keep_float_weight=keys))
+        if isinstance(stage, Attention) and stage.record_keys and attr in KEY_SOURCES:
+            # Token merging's averaged keys: an int8 GEMM on the same u8 input (from the
+            # balanced float weights, before the source is quantized).
+            key_layers[id(stage)] = int8_key_projection(stage, quant)
+        _use_layer(stage, attr, QuantLinear(originals[name], quant), key_layers)
         ranges[name] = quant.to_dict()
     if cfg.quantize_attention:
         for stage in ir.attention_stages():
@@ -408,9 +427,10 @@ def quantize_int8(ir, cfg: QuantizeInt8Config, context) -> PassResult:
         fallback.setdefault(name, f"lowest SQNR ({sqnr[name]:.1f} dB)")
     for name, why in fallback.items():
         stage, attr = targets[name]
-        setattr(stage, attr, originals[name])
+        _use_layer(stage, attr, originals[name], key_layers)
     if cfg.max_accuracy_drop is not None:
-        notes += _fit_accuracy_budget(ir, targets, originals, sqnr, fallback, cfg, context)
+        notes += _fit_accuracy_budget(ir, targets, originals, key_layers, sqnr, fallback, cfg,
+                                      context)
     for stage in ir.stages:
         if isinstance(stage, (Attention, Mlp)):
             kinds = {type(getattr(stage, a, None))

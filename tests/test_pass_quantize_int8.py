@@ -95,9 +95,35 @@ def test_composes_after_token_merging(traced_family):
         assert torch.isfinite(result.ir(example)).all()
 
 
+@pytest.mark.parametrize("family", ["timm_vit", "hf_vit"])  # fused qkv; separate q/k/v
+def test_merging_keys_are_an_int8_layer_that_follows_its_source(family, traced_family):
+    """A merging block's averaged keys: an int8 GEMM on the qkv's (or k's) u8 input, equal to
+    the head-averaged key weights; back in float when its source falls back; built by
+    merge_tokens too when it runs after quantize_int8."""
+    _, example, ir = traced_family(family)
+    merged = Pipeline(resolve_pipeline("none", ["merge_tokens:r=2"])).run(ir).ir
+    quantized = quantize(merged).ir
+    for stage in quantized.attention_stages():
+        source = stage.qkv if stage.qkv is not None else stage.k
+        assert isinstance(stage.merge_key_proj, QuantLinear)
+        assert stage.merge_key_proj.input_quant is source.input_quant
+        weight, _ = stage.mean_key_projection()
+        assert torch.allclose(stage.merge_key_proj.weight, weight, atol=2e-2 * weight.abs().max())
+    assert "attn0.merge_key_proj" in quant_layers(quantized)
+    source = "qkv" if quantized.attention_stages()[0].qkv is not None else "k"
+    kept = quantize(merged, skip=(f"attn0.{source}",)).ir
+    assert kept.attention_stages()[0].merge_key_proj is None  # float source, float keys
+    assert isinstance(kept.attention_stages()[1].merge_key_proj, QuantLinear)
+    late = Pipeline(resolve_pipeline("none", ["merge_tokens:r=2"])).run(quantize(ir).ir).ir
+    assert all(isinstance(s.merge_key_proj, QuantLinear) for s in late.attention_stages())
+    with torch.no_grad():
+        assert torch.isfinite(late(example)).all()
+
+
 def test_merged_int8_keeps_every_linear_int8_on_openvino(traced_family, tmp_path):
-    """Token merging reads the qkv weights for its mean keys; that path must not share the int8
-    weight's DequantizeLinear (OpenVINO then folded the qkv GEMM to bf16)."""
+    """Every int8 layer of a merged model, the averaged-key projections included, runs int8 in
+    OpenVINO, each int8 weight read by one DequantizeLinear feeding one MatMul (a shared one made
+    OpenVINO fold the qkv weight to float and run that GEMM in bf16)."""
     import onnx
     from vitopt.backends.openvino import int8_summary
     from vitopt.lower.onnx_export import export_onnx

@@ -7,6 +7,7 @@ import torch
 from vitopt.pipeline import PassContext, PassSpec, Pipeline
 
 MAX_LOSS_POINTS = 0.5
+MAX_LOSS_MERGED_POINTS = 1.5  # int8 after the balanced token merging, against fp32 unmerged
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,19 @@ def test_int8_loses_at_most_half_a_point(proxy, options):
         ref, out = ir(images), quantized(images)
     sqnr = 10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum())
     assert sqnr > 20, sqnr
+
+
+def test_int8_after_balanced_merging_loses_at_most_one_and_a_half_points(proxy):
+    """The balanced preset (token merging) then int8, calibrated on the merged IR, against the
+    unmerged fp32 model; merging's averaged keys run as int8 GEMMs too (merge_key_proj)."""
+    from vitopt.ir.quant import QuantLinear
+    from vitopt.pipeline import resolve_pipeline
+    ir, calib, images, top1, base = proxy
+    context = PassContext(calib=calib, calib_source="builtin:digits calib")
+    merged = Pipeline(resolve_pipeline("balanced", ["quantize_int8"])).run(ir, context=context).ir
+    merging = [s for s in merged.attention_stages() if s.record_keys]
+    assert merging and all(isinstance(s.merge_key_proj, QuantLinear) for s in merging)
+    assert 100 * (base - top1(merged)) <= MAX_LOSS_MERGED_POINTS
 
 
 def with_outlier_channels(ir, factor=300.0):

@@ -43,7 +43,7 @@ from vitopt.ir.state import TokenState
 
 #: Attributes of an Attention stage that passes set and that AddAttention keeps.
 COPIED_FLAGS = ("record_cls_attn", "record_keys", "cls_attn_query", "cls_attn_from", "size_bias",
-                "precision")
+                "precision", "merge_key_proj")
 EPS = 1e-6  # guards the normaliser, which is 0 only when every key's code is the query's complement
 
 
@@ -130,7 +130,7 @@ class AddAttention(Attention):
         if self.record_cls_attn:
             new.cls_attn = self._query_row(q, bk, weight)
         if self.record_keys:
-            new.keys = nn.functional.linear(h, *self.mean_key_projection())
+            new.keys = self.merge_keys(h)
         return new
 
     def _query_row(self, q, bk, weight) -> torch.Tensor:

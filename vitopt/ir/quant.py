@@ -74,23 +74,13 @@ def quantize_weight(weight: torch.Tensor) -> tuple:
 class QuantLinear(nn.Module):
     """int8 per-channel weights, u8 per-tensor input, fp32 bias and accumulation output."""
 
-    def __init__(self, linear: nn.Linear, input_quant: ActQuant, keep_float_weight: bool = False):
+    def __init__(self, linear: nn.Linear, input_quant: ActQuant):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         q, scale = quantize_weight(linear.weight)
         self.register_buffer("weight_q", q.t().contiguous())  # [in, out]
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero", torch.zeros(self.out_features, dtype=torch.int64))
-        # `keep_float_weight`: `.weight` reads a float copy of the dequantized weight instead of
-        # dequantizing weight_q in the graph. For a qkv projection whose stage also records
-        # head-averaged keys for token merging (Attention.mean_key_projection reads `.weight`):
-        # a second DequantizeLinear on the same int8 initializer made OpenVINO fold the qkv
-        # weight to a float constant and run that GEMM in bf16 (DeiT-S, OpenVINO 2026.4: 12 of
-        # 48 linears lost int8). The copy is only sliced and averaged: OpenVINO folds it to the
-        # small [Dh, D] key projection at compile time, but the exported ONNX carries it (DeiT-S
-        # balanced: +1.8 MB per merging block, 26 -> 47 MB). Same values: the IR is unchanged.
-        self.register_buffer("weight_float", self.dequantized_weight_t().t().contiguous()
-                             if keep_float_weight else None, persistent=False)
         self.bias = (nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None
                      else None)
         self.input_quant = input_quant
@@ -103,8 +93,6 @@ class QuantLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight [out, in], like nn.Linear.weight (for passes and FLOP counts)."""
-        if self.weight_float is not None:
-            return self.weight_float
         return self.dequantized_weight_t().t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,6 +113,28 @@ class QuantLinear(nn.Module):
         q = self.input_quant
         return (f"{self.in_features}->{self.out_features}, w int8/ch, x u8 scale {q.scale:.3g} "
                 f"zp {q.zero_point} ({q.method})")
+
+
+def int8_key_projection(stage, input_quant: ActQuant) -> QuantLinear:
+    """The head-averaged key projection of a merging Attention `stage` as an int8 layer
+    (`Attention.merge_key_proj`) reading the u8 input `input_quant` (the qkv's or k's), built
+    from the stage's current key weights (float, or dequantized when already int8).
+
+    Why its own layer: derived on the fly from an int8 qkv, the projection runs as a float GEMM
+    whose input is also the qkv's; OpenVINO 2026.4 then cannot fold the u8 FakeQuantize into
+    the LayerNorm before them (a separate Reorder + FakeQuantize), and a second
+    DequantizeLinear on the same int8 initializer made it fold the qkv weight to float and run
+    that GEMM in bf16. As a QuantLinear with the qkv's input quantizer it is one more small int8
+    GEMM on the same u8 input (DeiT-S/16 balanced, batch 8: about 0.5 ms per merging block).
+    Merging only ranks tokens by these keys: int8 rounding can change which pairs merge, which
+    the fake-quant reference (the IR) reproduces exactly."""
+    weight, bias = stage.mean_key_projection()
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return QuantLinear(linear, input_quant)
 
 
 class AttentionQuant(nn.Module):

@@ -22,7 +22,8 @@ Formulation (what every engine runs with fast kernels; checked on DeiT-S/16 with
   which cost more than the rest of the merge. Ranking is one TopK over [B, Na] per merge, on
   keys with an index tie-break (`rank`): OpenVINO's TopK does not order ties by index.
 * ToMe's head-averaged keys come from a [D -> Dh] projection with head-averaged key weights
-  (`Attention.mean_key_projection`), a small GEMM, instead of a mean over the head axis.
+  (`Attention.mean_key_projection`), a small GEMM, instead of a mean over the head axis; after
+  quantize_int8 an int8 GEMM on the qkv's u8 input (`Attention.merge_key_proj`).
 """
 from __future__ import annotations
 

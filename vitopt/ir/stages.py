@@ -151,6 +151,10 @@ class Attention(Stage):
         # Fake quantization of the attention matmul inputs (vitopt.ir.quant.AttentionQuant);
         # None keeps attention in float, fused by the engines.
         self.attn_quant = None
+        # The head-averaged key projection as its own layer (an int8 QuantLinear that
+        # quantize_int8 builds for a merging block, sharing the qkv input's quantizer); None
+        # derives it from the qkv/k weights on the fly (`mean_key_projection`).
+        self.merge_key_proj = None
 
     @property
     def embed_dim(self) -> int:
@@ -192,11 +196,16 @@ class Attention(Stage):
                 logits = logits + mask.reshape(b, 1, n)
             new.cls_attn = logits.softmax(dim=-1).mean(dim=1)
         if self.record_keys:
-            # The head average of the keys is linear in h: one small projection with the
-            # head-averaged key weights (engines run it as a GEMM; a mean over the head axis
-            # of the transposed keys ran as a slow reduction in OpenVINO).
-            new.keys = F.linear(h, *self.mean_key_projection())
+            new.keys = self.merge_keys(h)
         return new
+
+    def merge_keys(self, h: torch.Tensor) -> torch.Tensor:
+        """The keys averaged over heads [B, N, Dh] that token merging compares. Linear in h: one
+        small projection with the head-averaged key weights (engines run it as a GEMM; a mean
+        over the head axis of the transposed keys ran as a slow reduction in OpenVINO)."""
+        if self.merge_key_proj is not None:
+            return self.merge_key_proj(h)
+        return F.linear(h, *self.mean_key_projection())
 
     def projections(self):
         return [m for m in (self.qkv, self.q, self.k, self.v, self.proj) if m is not None]
