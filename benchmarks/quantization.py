@@ -15,7 +15,8 @@ Speed (--speed): DeiT-S/16 224 (random init; ranges from the digits calib images
 with ImageNet normalization, the same images for every quantizer), at each batch, timed in
 interleaved rounds in one run:
   OpenVINO: bf16 of the plain model | vitopt int8 | NNCF int8 (nncf.quantize(model, dataset,
-            model_type=nncf.ModelType.TRANSFORMER) on the plain torch-exported model)
+            model_type=nncf.ModelType.TRANSFORMER) on the plain torch-exported model) |
+            vitopt int8 + balanced merging, with float attention (default) and attention=qk
   ORT:      fp32 of the plain model | vitopt int8 | quantize_static (QDQ, per-channel)
 plus what each OpenVINO engine really runs (linears and fused attention by precision).
 Every engine above is compiled for a dynamic batch 1..max (as vitopt's artifacts are). OpenVINO
@@ -44,13 +45,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table, write_results  # noqa: E402
 
 OUTLIER = 300.0
-NAIVE = {"smooth": False, "method": "minmax", "quantize_attention": True, "quantize_softmax": True}
+NAIVE = {"smooth": False, "method": "minmax", "attention": "qkv", "quantize_softmax": True}
 SETTINGS = [
     ("fp32", None),
     ("vitopt int8 (default)", {}),
     ("vitopt int8, no LayerNorm balancing", {"smooth": False}),
     ("vitopt int8, percentile ranges", {"method": "percentile"}),
-    ("vitopt int8, int8 attention matmuls", {"quantize_attention": True}),
+    ("vitopt int8, int8 q.K^T (attention=qk)", {"attention": "qk"}),
+    ("vitopt int8, u8 q, k, v (attention=qkv)", {"attention": "qkv"}),
     ("naive min/max (no balancing, softmax quantized)", NAIVE),
 ]
 
@@ -203,6 +205,10 @@ def speed(model_name, batches, backends, calib_count, runs, rounds, tmp: Path, l
     merged = Pipeline(resolve_pipeline("balanced", ["quantize_int8"])).run(
         ir, context=PassContext(calib=calib, calib_source="digits@224")).ir
     merged_onnx = export_onnx(merged, torch.randn(2, 3, 224, 224), tmp / "vitopt_int8_balanced.onnx")
+    # the same with int8 q.K^T (attention=qk), OpenVINO only
+    merged_qk = Pipeline(resolve_pipeline("balanced", ["quantize_int8:attention=qk"])).run(
+        ir, context=PassContext(calib=calib, calib_source="digits@224")).ir
+    merged_qk_onnx = export_onnx(merged_qk, torch.randn(2, 3, 224, 224), tmp / "vitopt_int8_qk_balanced.onnx")
     log(f"{model_name}: traced, quantized (vitopt) and exported in {time.perf_counter() - started:.0f}s")
     engines, kernels, static = {}, {}, {}
     if "openvino" in backends:
@@ -210,11 +216,15 @@ def speed(model_name, batches, backends, calib_count, runs, rounds, tmp: Path, l
         vitopt, vitopt_xml = load_onnx(vitopt_onnx, tmp / "ov_vitopt", "openvino", "int8", max_batch)
         merged_engine, merged_xml = load_onnx(merged_onnx, tmp / "ov_vitopt_merged", "openvino",
                                               "int8", max_batch)
+        merged_qk_engine, merged_qk_xml = load_onnx(merged_qk_onnx, tmp / "ov_vitopt_qk_merged",
+                                                    "openvino", "int8", max_batch)
         engines["openvino"] = {
             "OV bf16 (plain)": load_onnx(plain, tmp / "ov_bf16", "openvino", "bf16", max_batch)[0],
-            "OV vitopt int8": vitopt, "OV NNCF int8": nncf, "OV vitopt int8 + balanced": merged_engine}
+            "OV vitopt int8": vitopt, "OV NNCF int8": nncf, "OV vitopt int8 + balanced": merged_engine,
+            "OV vitopt int8 + balanced, attention=qk": merged_qk_engine}
         static = {"OV vitopt int8": vitopt_xml, "OV NNCF int8": nncf_xml,
-                  "OV vitopt int8 + balanced": merged_xml}
+                  "OV vitopt int8 + balanced": merged_xml,
+                  "OV vitopt int8 + balanced, attention=qk": merged_qk_xml}
         for name, engine in engines["openvino"].items():
             kernels[name] = int8_summary(engine)
             log(f"{name}: {kernels[name]}")

@@ -14,11 +14,15 @@ the MatMul; bias and LayerNorm outside any Q/DQ). ViT-specific handling:
   * Post-GELU activations (fc2 input) are skewed: asymmetric u8 keeps the true minimum
     (about -0.17) and only the upper end is clipped by the calibration method (PTQ4ViT's
     twin-uniform observation, done here with one asymmetric range).
-  * Attention matmuls (q.K^T, P.V) stay in float by default, so engines keep their fused
-    attention kernels; `quantize_attention=true` quantizes q, k, v per tensor. The softmax
-    output is never min/max-quantized (FQ-ViT: its values span decades, min/max u8 rounds most
-    of them to zero), except with `quantize_softmax=true`, which exists only as the naive
-    baseline for benchmarks/quantization.py.
+  * Attention (`attention`): "float" keeps both attention matmuls in float; "qk" quantizes the
+    first one, q * scale and k symmetric int8 per tensor (QKQuant), with the softmax and P.V
+    in float: OpenVINO fuses it into its int8 attention kernel (the scheme NNCF uses for
+    transformers); "qkv" quantizes q, k, v in u8 per tensor (engines do not fuse it: kept for
+    comparison). The softmax output is never min/max-quantized (FQ-ViT: its values span
+    decades, min/max u8 rounds most of them to zero), except with `quantize_softmax=true`
+    ("qkv" only), which exists only as the naive baseline for benchmarks/quantization.py.
+    Add-attention stages (reparam_shiftadd attention=add) hash q and k to +-1 codes: "qk"
+    leaves them in float.
   * Token merging's head-averaged keys (a merging block's small [D -> Dh] projection) become an
     int8 layer too (`Attention.merge_key_proj`), reading the qkv's u8 input: as a float GEMM
     beside an int8 qkv it kept OpenVINO from folding that quantizer into the LayerNorm (DeiT-S
@@ -56,14 +60,18 @@ import torch
 from torch import nn
 
 from vitopt.errors import ConfigError
-from vitopt.ir.quant import (ActQuant, AttentionQuant, QuantLinear, fake_quant_u8, int8_key_projection,
-                             quant_layers)
+from vitopt.ir.add_attention import AddAttention
+from vitopt.ir.quant import (ActQuant, AttentionQuant, QKQuant, QuantLinear, SymQuant, fake_quant_i8,
+                             fake_quant_u8, int8_key_projection, quant_layers)
 from vitopt.ir.precision import cast_dtype
 from vitopt.ir.quant_stem import insert_quant_conv, patch_conv_node
 from vitopt.ir.stages import Attention, Mlp, Stem
 from vitopt.pipeline import PassConfig, PassResult, register_pass
 
 METHODS = ("minmax", "percentile", "mse")
+ATTENTION = ("float", "qk", "qkv")
+ATTENTION_NOTE = {"float": "matmuls float", "qk": "q.K^T int8 (symmetric), P.V float",
+                  "qkv": "q, k, v u8"}
 SAMPLE_PER_BATCH = 1 << 16  # values kept per tensor and batch for percentile / MSE ranges
 MSE_GRID = 40
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # searched per LayerNorm when alpha is unset
@@ -77,7 +85,7 @@ class QuantizeInt8Config(PassConfig):
     percentile: float = 99.99
     smooth: bool = True
     alpha: Optional[float] = None
-    quantize_attention: bool = False
+    attention: str = "float"
     quantize_softmax: bool = False
     quantize_stem: bool = True
     skip: Tuple[str, ...] = ()
@@ -94,8 +102,11 @@ class QuantizeInt8Config(PassConfig):
             raise ConfigError(f"quantize_int8: percentile {self.percentile} must be in (50, 100]")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"quantize_int8: alpha {self.alpha} must be in [0, 1]")
-        if self.quantize_softmax and not self.quantize_attention:
-            raise ConfigError("quantize_int8: quantize_softmax needs quantize_attention=true")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"quantize_int8: attention {self.attention!r} is unknown; use one of "
+                              f"{', '.join(ATTENTION)}")
+        if self.quantize_softmax and self.attention != "qkv":
+            raise ConfigError("quantize_int8: quantize_softmax needs attention=qkv")
         for name in ("keep_sensitive",):
             if getattr(self, name) < 0:
                 raise ConfigError(f"quantize_int8: {name} must be >= 0")
@@ -244,6 +255,21 @@ class _Observer:
         return best
 
 
+    def bound(self, method: str, percentile: float) -> float:
+        """The clipping bound of a symmetric int8 range [-bound, bound]."""
+        top = max(abs(self.lo), abs(self.hi))
+        if method == "minmax" or top <= 0:
+            return top
+        x = torch.cat(self.samples)
+        if x.numel() > MSE_SAMPLE:
+            x = x[torch.randint(x.numel(), (MSE_SAMPLE,), generator=self.gen)]
+        if method == "percentile":
+            return max(torch.quantile(x.abs(), percentile / 100).item(), 1e-12)
+        errors = {b: (fake_quant_i8(x, b / 127.0) - x).pow(2).mean().item()
+                  for b in (top * r for r in torch.linspace(1.0 / MSE_GRID, 1.0, MSE_GRID).tolist())}
+        return min(errors, key=errors.get)
+
+
 def _calibrate(ir, images, targets, cfg) -> Dict[str, _Observer]:
     gen = torch.Generator().manual_seed(0)
     observers, hooks = {}, []
@@ -251,9 +277,8 @@ def _calibrate(ir, images, targets, cfg) -> Dict[str, _Observer]:
         observers[name] = _Observer(gen)
         hooks.append(getattr(stage, attr).register_forward_pre_hook(
             lambda m, args, obs=observers[name]: obs.add(args[0])))
-    if cfg.quantize_attention:
-        for stage in ir.attention_stages():
-            hooks.append(_attention_observer(stage, observers, gen, cfg.quantize_softmax))
+    for stage in _quantized_attention(ir, cfg):
+        hooks.append(_attention_observer(stage, observers, gen, cfg))
     try:
         _run_batches(ir, images, cfg.batch_size)
     finally:
@@ -262,20 +287,50 @@ def _calibrate(ir, images, targets, cfg) -> Dict[str, _Observer]:
     return observers
 
 
-def _attention_observer(stage: Attention, observers, gen, softmax: bool):
-    """Observe q, k, v (and the softmax output) from the attention input through a hook on
-    the stage's norm: recompute the projections exactly as the stage does."""
+def _quantized_attention(ir, cfg) -> List[Attention]:
+    """The attention stages whose matmuls `cfg.attention` quantizes."""
+    if cfg.attention == "float":
+        return []
+    return [s for s in ir.attention_stages()
+            if not (cfg.attention == "qk" and isinstance(s, AddAttention))]
+
+
+def _attention_observer(stage: Attention, observers, gen, cfg):
+    """Observe the attention matmul inputs (q * scale and k for "qk"; q, k, v and optionally the
+    softmax output for "qkv") through a hook on the stage's norm: the projections are
+    recomputed exactly as the stage does them (ranges without token sizes' log bias, which
+    does not touch q or k)."""
     name = _stage_name(stage)
-    for part in ("q", "k", "v") + (("softmax",) if softmax else ()):
+    parts = ("q", "k") if cfg.attention == "qk" else ("q", "k", "v")
+    parts += ("softmax",) if cfg.quantize_softmax else ()
+    for part in parts:
         observers[f"{name}.{part}"] = _Observer(gen)
 
     def hook(module, inputs, h):
         q, k, v = stage.heads_qkv(h)
-        for part, t in (("q", q), ("k", k), ("v", v)):
+        seen = {"q": q * stage.scale, "k": k} if cfg.attention == "qk" else {"q": q, "k": k, "v": v}
+        for part, t in seen.items():
             observers[f"{name}.{part}"].add(t)
-        if softmax:
+        if cfg.quantize_softmax:
             observers[f"{name}.softmax"].add(((q @ k.transpose(-2, -1)) * stage.scale).softmax(-1))
     return stage.norm.register_forward_hook(hook)
+
+
+def _attention_quantizer(stage, observers, cfg) -> nn.Module:
+    """The calibrated attention core (QKQuant or AttentionQuant) of one stage."""
+    name = _stage_name(stage)
+    try:
+        if cfg.attention == "qk":
+            return QKQuant(*[SymQuant(observers[f"{name}.{p}"].bound(cfg.method, cfg.percentile),
+                                      cfg.method) for p in ("q", "k")])
+        parts = [ActQuant(*observers[f"{name}.{p}"].range(cfg.method, cfg.percentile, False),
+                          cfg.method) for p in ("q", "k", "v")]
+        soft = (ActQuant(*observers[f"{name}.softmax"].range("minmax", 100.0, False), "minmax")
+                if cfg.quantize_softmax else None)
+    except ValueError as exc:
+        raise ConfigError(f"quantize_int8: {name} attention: {exc}; use other calibration "
+                          f"images") from exc
+    return AttentionQuant(*parts, softmax=soft)
 
 
 def _quantize_stem(ir, images, cfg, notes: List[str]) -> Optional[dict]:
@@ -411,14 +466,10 @@ def quantize_int8(ir, cfg: QuantizeInt8Config, context) -> PassResult:
             key_layers[id(stage)] = int8_key_projection(stage, quant)
         _use_layer(stage, attr, QuantLinear(originals[name], quant), key_layers)
         ranges[name] = quant.to_dict()
-    if cfg.quantize_attention:
-        for stage in ir.attention_stages():
-            name = _stage_name(stage)
-            parts = [ActQuant(*observers[f"{name}.{p}"].range(cfg.method, cfg.percentile, False),
-                              cfg.method) for p in ("q", "k", "v")]
-            soft = (ActQuant(*observers[f"{name}.softmax"].range("minmax", 100.0, False), "minmax")
-                    if cfg.quantize_softmax else None)
-            stage.attn_quant = AttentionQuant(*parts, softmax=soft)
+    attention = {}
+    for stage in _quantized_attention(ir, cfg):
+        stage.attn_quant = _attention_quantizer(stage, observers, cfg)
+        attention[_stage_name(stage)] = stage.attn_quant
 
     stem_range = _quantize_stem(ir, images, cfg, notes) if cfg.quantize_stem else None
     sqnr = _layer_sqnr(ir, images, originals, cfg)
@@ -441,7 +492,7 @@ def quantize_int8(ir, cfg: QuantizeInt8Config, context) -> PassResult:
     notes.append(f"int8: {quantized} of {len(targets)} linears (weights per channel, activations "
                  f"per tensor, {cfg.method}), {smoothed} of {len(alphas)} LayerNorms balanced "
                  f"(alpha {'searched' if cfg.alpha is None else cfg.alpha}), "
-                 f"attention matmuls {'int8' if cfg.quantize_attention else 'float'}, stem "
+                 f"attention {ATTENTION_NOTE[cfg.attention]}, stem "
                  f"convolution {'int8' if stem_range else 'float'}; calibrated "
                  f"on {images.shape[0]} images ({source})")
     if fallback:
@@ -450,6 +501,9 @@ def quantize_int8(ir, cfg: QuantizeInt8Config, context) -> PassResult:
              "stem": {"range": stem_range, "precision": "int8"} if stem_range else
              {"precision": "fp32"},
              "smoothed_norms": smoothed, "alphas": alphas, "quantized": quantized, "fallback": fallback,
+             "attention": {"scheme": cfg.attention, "ranges": {
+                 n: {p: getattr(core, p).to_dict() for p in ("q", "k", "v", "softmax")
+                     if getattr(core, p, None) is not None} for n, core in attention.items()}},
              "layers": {n: {"range": ranges[n], "sqnr_db": round(sqnr[n], 2),
                             "precision": "fp32" if n in fallback else "int8"} for n in targets}}
     return PassResult(ir, True, stats, notes)

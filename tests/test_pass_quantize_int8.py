@@ -62,8 +62,8 @@ def test_layer_norm_balancing_alone_is_exact(traced_family):
 
 
 @pytest.mark.parametrize("family,options", [("timm_vit", {}), ("hf_vit", {"method": "percentile"}),
-                                            ("timm_vit", {"quantize_attention": True,
-                                                          "method": "minmax"})])
+                                            ("timm_vit", {"attention": "qk"}),
+                                            ("timm_vit", {"attention": "qkv", "method": "minmax"})])
 def test_engines_match_the_fake_quant_reference(family, options, traced_family, tmp_path):
     from vitopt.backends.onnxruntime import int8_summary as ort_summary
     from vitopt.backends.openvino import int8_summary as ov_summary
@@ -72,7 +72,7 @@ def test_engines_match_the_fake_quant_reference(family, options, traced_family, 
     quantized = quantize(ir, **options).ir
     expected = len(quant_layers(quantized))
     ops = onnx_op_counts(export_onnx(quantized, example, tmp_path / "probe.onnx"))
-    attention_q = 3 * ir.num_blocks if options.get("quantize_attention") else 0
+    attention_q = {"qk": 2, "qkv": 3}.get(options.get("attention"), 0) * ir.num_blocks
     # one DQ per int8 weight, one Q->DQ pair per activation (q/k/v of one input share theirs)
     assert ops["DequantizeLinear"] - ops["QuantizeLinear"] == expected
     if family != "hf_vit":
@@ -81,8 +81,10 @@ def test_engines_match_the_fake_quant_reference(family, options, traced_family, 
     assert ort_summary(engines["onnxruntime"][1])["int8_linears"] >= expected
     summary = ov_summary(engines["openvino"][0])
     assert summary["int8_linears"] >= expected, summary
-    if not options.get("quantize_attention"):
+    if options.get("attention") != "qkv":
         assert summary["fused_attention"], summary  # attention still fused
+    if options.get("attention") == "qk":  # ... as one int8 kernel per block
+        assert summary["fused_attention"].get("i8") == ir.num_blocks, summary
 
 
 def test_composes_after_token_merging(traced_family):
@@ -153,7 +155,8 @@ def test_declines_cleanly(traced_family):
 
 @pytest.mark.parametrize("options,match", [
     ({"method": "entropy"}, "method"), ({"percentile": 30}, "percentile"),
-    ({"alpha": 1.5}, "alpha"), ({"quantize_softmax": True}, "quantize_attention"),
+    ({"alpha": 1.5}, "alpha"), ({"quantize_softmax": True}, "attention=qkv"),
+    ({"attention": "int4"}, "attention"),
     ({"keep_sensitive": -1}, "keep_sensitive"), ({"calib_limit": 1}, "calib_limit"),
 ])
 def test_bad_config_is_a_config_error(options, match):

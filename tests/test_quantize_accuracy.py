@@ -18,7 +18,7 @@ def proxy(digits_proxy):
     return digits_proxy.ir, calib, digits_proxy.images, digits_proxy.top1, digits_proxy.base
 
 
-@pytest.mark.parametrize("options", [{}, {"method": "percentile"}, {"quantize_attention": True}])
+@pytest.mark.parametrize("options", [{}, {"method": "percentile"}, {"attention": "qk"}, {"attention": "qkv"}])
 def test_int8_loses_at_most_half_a_point(proxy, options):
     ir, calib, images, top1, base = proxy
     context = PassContext(calib=calib, calib_source="builtin:digits calib")

@@ -22,8 +22,8 @@ Token sizes (merge_tokens' proportional attention adds log(size) to the softmax 
 weights key j by size_j): here each key's similarity is weighted by size_j, the same reading.
 Side outputs for token reduction (record_cls_attn, record_keys) are kept: the class-token row
 is the normalised add-similarity row s_0j w_j / sum_j s_0j w_j, the keys are the float keys.
-With `attn_quant` set (quantize_int8 quantize_attention=true), q, k and v are fake-quantized
-before hashing, as the softmax stage does before its matmuls.
+With `attn_quant` set (quantize_int8 attention=qkv), q, k and v are fake-quantized
+before hashing, as the softmax stage does before its matmuls (attention=qk leaves them float).
 
 Training (vitopt.data.shiftadd_finetune): in training mode the sign is straight-through
 (forward sign, backward the gradient of clamp(x, -1, 1)), so H and t learn with the network.

@@ -15,8 +15,12 @@ and the bias is added after the MatMul, outside the Q/DQ pair.
 * `ActQuant`   per-tensor affine activation quantizer (u8, scale, zero point, how chosen).
 * `QuantLinear` drop-in for nn.Linear inside Attention/Mlp stages (same in/out features,
   `.weight`/`.bias` give the dequantized float weights), with an optional input ActQuant.
-* `AttentionQuant` optional fake quantization of q, k, v (and, for the naive baseline only,
-  the softmax output), installed as `Attention.attn_quant`.
+* `SymQuant`   per-tensor symmetric int8 activation quantizer (zero point 0).
+* `QKQuant`    int8 first attention matmul: q * scale and k symmetric int8 per tensor, softmax
+  and P.V in float (the scheme OpenVINO fuses into its int8 attention kernel), installed as
+  `Attention.attn_quant`.
+* `AttentionQuant` fake quantization of q, k, v in u8 (and, for the naive baseline only, the
+  softmax output), installed as `Attention.attn_quant`.
 """
 from __future__ import annotations
 
@@ -45,6 +49,29 @@ def affine_params(lo: float, hi: float) -> tuple:
 def fake_quant_u8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     q = _qd.quantize_per_tensor(x, scale, zero_point, 0, 255, torch.uint8)
     return _qd.dequantize_per_tensor(q, scale, zero_point, 0, 255, torch.uint8)
+
+
+def fake_quant_i8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    q = _qd.quantize_per_tensor(x, scale, 0, -128, 127, torch.int8)
+    return _qd.dequantize_per_tensor(q, scale, 0, -128, 127, torch.int8)
+
+
+class SymQuant(nn.Module):
+    """Per-tensor symmetric int8 fake quantization of values in [-bound, bound]."""
+
+    def __init__(self, bound: float, method: str = "minmax"):
+        super().__init__()
+        if not bound > 0:
+            raise ValueError(f"activation bound {bound} is not positive; the calibration data "
+                             f"gives this tensor the constant value 0")
+        self.bound, self.method = float(bound), method
+        self.scale = self.bound / 127.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant_i8(x, self.scale)
+
+    def to_dict(self) -> dict:
+        return {"bound": self.bound, "scale": self.scale, "zero_point": 0, "method": self.method}
 
 
 class ActQuant(nn.Module):
@@ -135,6 +162,35 @@ def int8_key_projection(stage, input_quant: ActQuant) -> QuantLinear:
         if bias is not None:
             linear.bias.copy_(bias)
     return QuantLinear(linear, input_quant)
+
+
+class QKQuant(nn.Module):
+    """int8 logits: softmax(Q8(q * scale) . Q8(k)^T + mask) . v, with Q8 symmetric per tensor.
+
+    Only the first matmul is int8; the softmax and P.V stay in the engine's float precision.
+    OpenVINO 2026.4 runs this as one int8 attention kernel per block (symmetric i8 inputs right
+    before the q.K^T MatMul, the scale applied before quantizing: the scheme of
+    `nncf.quantize(model_type=TRANSFORMER)`); u8 q/k/v with zero points (AttentionQuant) fused
+    2 of 12 DeiT-S blocks. Whether it pays depends on the build (DeiT-S/16 int8, batch 8, this
+    2-core CPU): compiled for a static batch, the q/k quantizers fuse into JIT subgraphs and the
+    engine ran 3-7 % faster than float attention; compiled for a dynamic batch, they stay
+    standalone FakeQuantize nodes with bf16<->f32<->i8 reorders (+18 ms) that cost more than
+    the int8 kernel saves (-5 ms attention, -4 ms transposes): 137.7 vs 128.2 ms. Hence an
+    option (quantize_int8 attention=qk), not the default.
+    """
+
+    def __init__(self, q: SymQuant, k: SymQuant):
+        super().__init__()
+        self.q, self.k = q, k
+
+    def forward(self, q, k, v, mask, scale: float) -> torch.Tensor:
+        logits = self.q(q * scale) @ self.k(k).transpose(-2, -1)
+        if mask is not None:
+            logits = logits + mask
+        return logits.softmax(dim=-1) @ v
+
+    def extra_repr(self) -> str:
+        return f"q.K^T int8 (q bound {self.q.bound:.3g}, k bound {self.k.bound:.3g}), P.V float"
 
 
 class AttentionQuant(nn.Module):
