@@ -236,3 +236,31 @@ def test_stage_table_counts_int8_weights(traced_family):
     _, _, ir = traced_family("timm_vit")
     quantized = quantize(ir).ir
     assert [r["params"] for r in quantized.table()] == [r["params"] for r in ir.table()]
+
+
+def test_int8_attention_calibration_and_add_attention(traced_family):
+    """attention=qk: symmetric int8 bounds from each calibration method, recorded in the stats;
+    a zero bound is an error; add-attention stages (+-1 hash codes) keep float q and k under qk
+    and get u8 q, k, v under qkv."""
+    from vitopt.ir.add_attention import AddAttention
+    from vitopt.ir.quant import QKQuant, SymQuant
+    _, example, ir = traced_family("timm_vit")
+    for method in ("minmax", "percentile", "mse"):
+        result = quantize(ir, attention="qk", method=method)
+        cores = [s.attn_quant for s in result.ir.attention_stages()]
+        assert all(isinstance(c, QKQuant) for c in cores)
+        ranges = result.records[0].stats["attention"]["ranges"]
+        assert set(ranges) == {f"attn{i}" for i in range(ir.num_blocks)}
+        assert all(r["q"]["zero_point"] == 0 and r["k"]["bound"] > 0 for r in ranges.values())
+        with torch.no_grad():
+            assert torch.isfinite(result.ir(example)).all()
+    with pytest.raises(ValueError, match="not positive"):
+        SymQuant(0.0)
+    context = PassContext(calib=calib_for(ir, 8), calib_source="test")
+    hashed = Pipeline([PassSpec("reparam_shiftadd", {"attention": "add", "layers": "none",
+                                                     "allow_untrained_add_attention": True})]).run(
+        ir, context=context).ir
+    assert all(isinstance(s, AddAttention) for s in hashed.attention_stages())
+    assert all(s.attn_quant is None for s in quantize(hashed, attention="qk").ir.attention_stages())
+    qkv = quantize(hashed, attention="qkv").ir
+    assert all(s.attn_quant is not None for s in qkv.attention_stages())
