@@ -3,8 +3,8 @@
 Accuracy (default): the digits proxy (builtin:digits-vit; a PROXY, not ImageNet), calibrated on
 the `calib` split (180 images), top-1 on the held-out `test` split (360 images), in the IR's
 reference executor (the fake-quant model) and, with --engine-accuracy, on the OpenVINO and ORT
-int8 engines. Rows: fp32; vitopt int8 (defaults: LayerNorm balancing, MSE ranges, float
-attention); the same without balancing; percentile ranges; int8 attention matmuls; and NAIVE
+int8 engines. Rows: fp32; vitopt int8 (defaults: LayerNorm balancing, MSE ranges, int8
+q.K^T); the same without balancing; percentile ranges; float attention; u8 q, k, v; and NAIVE
 min/max (no balancing, min/max ranges, q/k/v and the softmax output quantized min/max). Beside
 top-1: logit SQNR vs fp32 (dB) and agreement with fp32 predictions. The small proxy has no
 LayerNorm outlier channels (large trained ViTs do), so every row also runs on the same network
@@ -16,7 +16,7 @@ with ImageNet normalization, the same images for every quantizer), at each batch
 interleaved rounds in one run:
   OpenVINO: bf16 of the plain model | vitopt int8 | NNCF int8 (nncf.quantize(model, dataset,
             model_type=nncf.ModelType.TRANSFORMER) on the plain torch-exported model) |
-            vitopt int8 + balanced merging, with float attention (default) and attention=qk
+            vitopt int8 + balanced merging, with int8 q.K^T (default) and attention=float
   ORT:      fp32 of the plain model | vitopt int8 | quantize_static (QDQ, per-channel)
 plus what each OpenVINO engine really runs (linears and fused attention by precision).
 Every engine above is compiled for a dynamic batch 1..max (as vitopt's artifacts are). OpenVINO
@@ -51,7 +51,7 @@ SETTINGS = [
     ("vitopt int8 (default)", {}),
     ("vitopt int8, no LayerNorm balancing", {"smooth": False}),
     ("vitopt int8, percentile ranges", {"method": "percentile"}),
-    ("vitopt int8, int8 q.K^T (attention=qk)", {"attention": "qk"}),
+    ("vitopt int8, float attention (attention=float)", {"attention": "float"}),
     ("vitopt int8, u8 q, k, v (attention=qkv)", {"attention": "qkv"}),
     ("naive min/max (no balancing, softmax quantized)", NAIVE),
 ]
@@ -205,10 +205,10 @@ def speed(model_name, batches, backends, calib_count, runs, rounds, tmp: Path, l
     merged = Pipeline(resolve_pipeline("balanced", ["quantize_int8"])).run(
         ir, context=PassContext(calib=calib, calib_source="digits@224")).ir
     merged_onnx = export_onnx(merged, torch.randn(2, 3, 224, 224), tmp / "vitopt_int8_balanced.onnx")
-    # the same with int8 q.K^T (attention=qk), OpenVINO only
-    merged_qk = Pipeline(resolve_pipeline("balanced", ["quantize_int8:attention=qk"])).run(
+    # the same with float attention (attention=float; the default is int8 q.K^T), OpenVINO only
+    merged_fa = Pipeline(resolve_pipeline("balanced", ["quantize_int8:attention=float"])).run(
         ir, context=PassContext(calib=calib, calib_source="digits@224")).ir
-    merged_qk_onnx = export_onnx(merged_qk, torch.randn(2, 3, 224, 224), tmp / "vitopt_int8_qk_balanced.onnx")
+    merged_fa_onnx = export_onnx(merged_fa, torch.randn(2, 3, 224, 224), tmp / "vitopt_int8_fa_balanced.onnx")
     log(f"{model_name}: traced, quantized (vitopt) and exported in {time.perf_counter() - started:.0f}s")
     engines, kernels, static = {}, {}, {}
     if "openvino" in backends:
@@ -216,15 +216,15 @@ def speed(model_name, batches, backends, calib_count, runs, rounds, tmp: Path, l
         vitopt, vitopt_xml = load_onnx(vitopt_onnx, tmp / "ov_vitopt", "openvino", "int8", max_batch)
         merged_engine, merged_xml = load_onnx(merged_onnx, tmp / "ov_vitopt_merged", "openvino",
                                               "int8", max_batch)
-        merged_qk_engine, merged_qk_xml = load_onnx(merged_qk_onnx, tmp / "ov_vitopt_qk_merged",
+        merged_fa_engine, merged_fa_xml = load_onnx(merged_fa_onnx, tmp / "ov_vitopt_fa_merged",
                                                     "openvino", "int8", max_batch)
         engines["openvino"] = {
             "OV bf16 (plain)": load_onnx(plain, tmp / "ov_bf16", "openvino", "bf16", max_batch)[0],
             "OV vitopt int8": vitopt, "OV NNCF int8": nncf, "OV vitopt int8 + balanced": merged_engine,
-            "OV vitopt int8 + balanced, attention=qk": merged_qk_engine}
+            "OV vitopt int8 + balanced, float attention": merged_fa_engine}
         static = {"OV vitopt int8": vitopt_xml, "OV NNCF int8": nncf_xml,
                   "OV vitopt int8 + balanced": merged_xml,
-                  "OV vitopt int8 + balanced, attention=qk": merged_qk_xml}
+                  "OV vitopt int8 + balanced, float attention": merged_fa_xml}
         for name, engine in engines["openvino"].items():
             kernels[name] = int8_summary(engine)
             log(f"{name}: {kernels[name]}")

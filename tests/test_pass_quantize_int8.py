@@ -9,7 +9,7 @@ from torch import nn
 
 from pass_checks import check_declines, check_engines_match, check_lossy_pass, run_pass
 from vitopt.errors import ConfigError
-from vitopt.ir.quant import QuantLinear, quant_layers
+from vitopt.ir.quant import QKInt8Attention, QuantLinear, quant_layers
 from vitopt.pipeline import PassContext, PassSpec, Pipeline, resolve_pipeline
 from vitopt.tolerances import compare
 
@@ -36,7 +36,9 @@ def test_structure_and_numerics_vs_eager(family, traced_family):
         for stage in new.blocks():
             assert stage.precision == "int8"
             assert type(stage.norm) is nn.LayerNorm  # LayerNorm stays float
-        assert all(s.attn_quant is None for s in new.attention_stages())  # fused attention kept
+        # default attention=qk: int8 q and k from their own GEMMs, explicit float softmax / P.V
+        assert all(isinstance(s.attn_quant, QKInt8Attention) and s.qkv is None
+                   for s in new.attention_stages())
         for layer in layers.values():
             assert layer.weight_q.dtype == torch.int8 and layer.weight_q.abs().max() <= 127
 
@@ -62,7 +64,7 @@ def test_layer_norm_balancing_alone_is_exact(traced_family):
 
 
 @pytest.mark.parametrize("family,options", [("timm_vit", {}), ("hf_vit", {"method": "percentile"}),
-                                            ("timm_vit", {"attention": "qk"}),
+                                            ("timm_vit", {"attention": "float"}),
                                             ("timm_vit", {"attention": "qkv", "method": "minmax"})])
 def test_engines_match_the_fake_quant_reference(family, options, traced_family, tmp_path):
     from vitopt.backends.onnxruntime import int8_summary as ort_summary
@@ -72,8 +74,10 @@ def test_engines_match_the_fake_quant_reference(family, options, traced_family, 
     quantized = quantize(ir, **options).ir
     expected = len(quant_layers(quantized))
     ops = onnx_op_counts(export_onnx(quantized, example, tmp_path / "probe.onnx"))
-    attention_q = {"qk": 2, "qkv": 3}.get(options.get("attention"), 0) * ir.num_blocks
-    # one DQ per int8 weight, one Q->DQ pair per activation (q/k/v of one input share theirs)
+    scheme = options.get("attention", "qk")
+    attention_q = {"qk": 2, "qkv": 3}.get(scheme, 0) * ir.num_blocks
+    # one DQ per int8 weight, one Q->DQ pair per activation (q/k/v of one input share theirs;
+    # with attention=qk the q, k and v GEMMs of one input too)
     assert ops["DequantizeLinear"] - ops["QuantizeLinear"] == expected
     if family != "hf_vit":
         assert ops["QuantizeLinear"] == expected + attention_q
@@ -81,9 +85,9 @@ def test_engines_match_the_fake_quant_reference(family, options, traced_family, 
     assert ort_summary(engines["onnxruntime"][1])["int8_linears"] >= expected
     summary = ov_summary(engines["openvino"][0])
     assert summary["int8_linears"] >= expected, summary
-    if options.get("attention") != "qkv":
+    if scheme != "qkv":
         assert summary["fused_attention"], summary  # attention still fused
-    if options.get("attention") == "qk":  # ... as one int8 kernel per block
+    if scheme == "qk":  # ... as one int8 kernel per block
         assert summary["fused_attention"].get("i8") == ir.num_blocks, summary
 
 
@@ -166,7 +170,7 @@ def test_bad_config_is_a_config_error(options, match):
 
 def test_skip_and_keep_sensitive_fall_back_to_fp32(traced_family):
     _, _, ir = traced_family("timm_vit")
-    result = quantize(ir, skip=("attn0.qkv",), keep_sensitive=1)
+    result = quantize(ir, skip=("attn0.qkv",), keep_sensitive=1, attention="float")
     stats = result.records[0].stats
     assert len(stats["fallback"]) == 2 and "attn0.qkv" in stats["fallback"]
     kept = [n for n, row in stats["layers"].items() if row["precision"] == "fp32"]
@@ -174,6 +178,12 @@ def test_skip_and_keep_sensitive_fall_back_to_fp32(traced_family):
     assert type(result.ir.stages[1].qkv) is nn.Linear and result.ir.stages[1].precision == "int8+fp32"
     with pytest.raises(ConfigError, match="not layers of this model"):
         quantize(ir, skip=("attn99.qkv",))
+    # attention=qk (default) splits qkv into q, k, v: skipping "qkv" keeps all three in fp32,
+    # and a float q or k carries no output quantizer
+    split = quantize(ir, skip=("attn0.qkv",))
+    assert {"attn0.q", "attn0.k", "attn0.v"} <= set(split.records[0].stats["fallback"])
+    stage = split.ir.attention_stages()[0]
+    assert all(type(getattr(stage, p)) is nn.Linear for p in "qkv")
 
 
 def test_bad_calibration_data_is_refused(traced_family):
@@ -243,12 +253,14 @@ def test_int8_attention_calibration_and_add_attention(traced_family):
     a zero bound is an error; add-attention stages (+-1 hash codes) keep float q and k under qk
     and get u8 q, k, v under qkv."""
     from vitopt.ir.add_attention import AddAttention
-    from vitopt.ir.quant import QKQuant, SymQuant
+    from vitopt.ir.quant import QKInt8Attention, SymQuant
     _, example, ir = traced_family("timm_vit")
     for method in ("minmax", "percentile", "mse"):
         result = quantize(ir, attention="qk", method=method)
-        cores = [s.attn_quant for s in result.ir.attention_stages()]
-        assert all(isinstance(c, QKQuant) for c in cores)
+        for stage in result.ir.attention_stages():  # q, k, v GEMMs; scale folded into q
+            assert isinstance(stage.attn_quant, QKInt8Attention) and stage.qkv is None
+            assert stage.scale == 1.0 and stage.v.output_quant is None
+            assert all(isinstance(getattr(stage, p).output_quant, SymQuant) for p in "qk")
         ranges = result.records[0].stats["attention"]["ranges"]
         assert set(ranges) == {f"attn{i}" for i in range(ir.num_blocks)}
         assert all(r["q"]["zero_point"] == 0 and r["k"]["bound"] > 0 for r in ranges.values())

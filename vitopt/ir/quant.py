@@ -16,9 +16,9 @@ and the bias is added after the MatMul, outside the Q/DQ pair.
 * `QuantLinear` drop-in for nn.Linear inside Attention/Mlp stages (same in/out features,
   `.weight`/`.bias` give the dequantized float weights), with an optional input ActQuant.
 * `SymQuant`   per-tensor symmetric int8 activation quantizer (zero point 0).
-* `QKQuant`    int8 first attention matmul: q * scale and k symmetric int8 per tensor, softmax
-  and P.V in float (the scheme OpenVINO fuses into its int8 attention kernel), installed as
-  `Attention.attn_quant`.
+* `QKInt8Attention` explicit attention core for q and k quantized symmetric int8 at their
+  projections (`QuantLinear.output_quant`), softmax and P.V in float (the scheme OpenVINO fuses
+  into its int8 attention kernel), installed as `Attention.attn_quant`.
 * `AttentionQuant` fake quantization of q, k, v in u8 (and, for the naive baseline only, the
   softmax output), installed as `Attention.attn_quant`.
 """
@@ -111,6 +111,9 @@ class QuantLinear(nn.Module):
         self.bias = (nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None
                      else None)
         self.input_quant = input_quant
+        # Optional symmetric int8 quantizer of the output (quantize_int8 attention=qk puts one on
+        # the q and k projections: the engines fuse it into the GEMM as an int8 output stage).
+        self.output_quant: Optional[SymQuant] = None
         self.sqnr_db: Optional[float] = None  # filled in by the pass (layer-local, calibration)
 
     def dequantized_weight_t(self) -> torch.Tensor:
@@ -124,7 +127,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.matmul(self.input_quant(x), self.dequantized_weight_t())
-        return out + self.bias if self.bias is not None else out
+        out = out + self.bias if self.bias is not None else out
+        return self.output_quant(out) if self.output_quant is not None else out
 
     def to_linear(self) -> nn.Linear:
         """The float Linear with the dequantized weights (a fallback keeps the rounding-free
@@ -138,8 +142,9 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         q = self.input_quant
+        out = f", out i8 bound {self.output_quant.bound:.3g}" if self.output_quant is not None else ""
         return (f"{self.in_features}->{self.out_features}, w int8/ch, x u8 scale {q.scale:.3g} "
-                f"zp {q.zero_point} ({q.method})")
+                f"zp {q.zero_point} ({q.method}){out}")
 
 
 def int8_key_projection(stage, input_quant: ActQuant) -> QuantLinear:
@@ -164,33 +169,28 @@ def int8_key_projection(stage, input_quant: ActQuant) -> QuantLinear:
     return QuantLinear(linear, input_quant)
 
 
-class QKQuant(nn.Module):
-    """int8 logits: softmax(Q8(q * scale) . Q8(k)^T + mask) . v, with Q8 symmetric per tensor.
+class QKInt8Attention(nn.Module):
+    """softmax(q . k^T * scale + mask) . v as explicit matmuls, for q and k that arrive int8:
+    quantize_int8 attention=qk splits the qkv GEMM into q, k and v GEMMs, folds the attention
+    scale into q's weights (scale 1 here) and quantizes the q and k outputs symmetric int8 per
+    tensor (`QuantLinear.output_quant`); the softmax and P.V stay float.
 
-    Only the first matmul is int8; the softmax and P.V stay in the engine's float precision.
-    OpenVINO 2026.4 runs this as one int8 attention kernel per block (symmetric i8 inputs right
-    before the q.K^T MatMul, the scale applied before quantizing: the scheme of
-    `nncf.quantize(model_type=TRANSFORMER)`); u8 q/k/v with zero points (AttentionQuant) fused
-    2 of 12 DeiT-S blocks. Whether it pays depends on the build (DeiT-S/16 int8, batch 8, this
-    2-core CPU): compiled for a static batch, the q/k quantizers fuse into JIT subgraphs and the
-    engine ran 3-7 % faster than float attention; compiled for a dynamic batch, they stay
-    standalone FakeQuantize nodes with bf16<->f32<->i8 reorders (+18 ms) that cost more than
-    the int8 kernel saves (-5 ms attention, -4 ms transposes): 137.7 vs 128.2 ms. Hence an
-    option (quantize_int8 attention=qk), not the default.
-    """
-
-    def __init__(self, q: SymQuant, k: SymQuant):
-        super().__init__()
-        self.q, self.k = q, k
+    quantize_int8's default. OpenVINO 2026.4 runs this as one int8 attention kernel per block,
+    with each quantizer fused into its GEMM as an int8 output stage (NNCF's transformer scheme also quantizes exactly the
+    two q.K^T inputs). Quantizing q and k after the head split instead left them as standalone
+    FakeQuantize nodes with bf16/f32/i8 reorders in dynamic-shape engines, which cost more than
+    the int8 kernel saved; u8 q/k/v with zero points (AttentionQuant) fused 2 of 12 DeiT-S blocks.
+    Explicit matmuls, not scaled_dot_product_attention: its ONNX form multiplies q and k by
+    sqrt(scale) between the quantizers and the MatMul."""
 
     def forward(self, q, k, v, mask, scale: float) -> torch.Tensor:
-        logits = self.q(q * scale) @ self.k(k).transpose(-2, -1)
+        logits = (q * scale if scale != 1.0 else q) @ k.transpose(-2, -1)
         if mask is not None:
             logits = logits + mask
         return logits.softmax(dim=-1) @ v
 
     def extra_repr(self) -> str:
-        return f"q.K^T int8 (q bound {self.q.bound:.3g}, k bound {self.k.bound:.3g}), P.V float"
+        return "q.K^T on int8 q and k (quantized at their projections), P.V float"
 
 
 class AttentionQuant(nn.Module):
