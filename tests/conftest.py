@@ -22,8 +22,12 @@ def pytest_configure(config):
 
 @functools.lru_cache(maxsize=None)
 def traced(family: str):
+    """The family's tiny model (random init, seeded: the same weights whichever test builds it
+    first and however xdist splits the tests), its example input and its traced IR."""
     from vitopt.frontend.trace import trace
-    model, example = model_zoo.FAMILIES[family]()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model, example = model_zoo.FAMILIES[family]()
     return model, example, trace(model, example)
 
 
