@@ -14,10 +14,11 @@ the MatMul; bias and LayerNorm outside any Q/DQ). ViT-specific handling:
   * Post-GELU activations (fc2 input) are skewed: asymmetric u8 keeps the true minimum
     (about -0.17) and only the upper end is clipped by the calibration method (PTQ4ViT's
     twin-uniform observation, done here with one asymmetric range).
-  * Attention (`attention`): "qk" (default) makes the first attention matmul int8: the qkv GEMM is split into q, k and v GEMMs (exact), the attention scale is
-    folded into q's weights (exact up to rounding), and the q and k outputs are quantized
-    symmetric int8 per tensor (QuantLinear.output_quant, fused by the engines into the GEMM),
-    with the softmax and P.V in float (QKInt8Attention): OpenVINO runs it as its int8
+  * Attention (`attention`): "qk" (default) makes the first attention matmul int8: the qkv
+    GEMM is split into q, k and v GEMMs (exact), the attention scale is folded into q's weights
+    (exact up to rounding), and the q and k outputs are quantized symmetric int8 per tensor
+    (QuantLinear.output_quant, fused by the engines into the GEMM), with the softmax and P.V
+    in float (QKInt8Attention): OpenVINO runs it as its int8
     attention kernel (NNCF quantizes the same two inputs for transformers; DeiT-S/16 int8 +
     balanced merging, batch 8: about 4 % faster than float attention in dynamic- and
     static-shape engines); "float" keeps both attention matmuls in float (engines fuse them in
@@ -47,7 +48,8 @@ int8). The stem's patchify convolution is quantized too (`quantize_stem`, defaul
 GEMM over the patches with a u8 input whose range is min/max over the calibration images
 (vitopt/ir/quant_stem.py), as OpenVINO + NNCF int8 does; the classifier head stays in float.
 Order: last: after token reduction (merge_tokens, prune_tokens), ShiftAdd and early exits, so
-calibration sees the reduced graph; after fuse_qkv (one GEMM to quantize, one range, not three).
+calibration sees the reduced graph; after fuse_qkv (one range for q, k and v, which read the
+same input; attention=qk then splits the GEMM again so q's and k's output quantizers fuse).
 Cost: on the digits proxy about 0-0.5 top-1 points, and at most 1.5 after the balanced token
 merging (97.50 fp32 -> 97.22 balanced + int8; tests/test_quantize_accuracy.py; naive min/max
 with quantized softmax beside it in benchmarks/quantization.py).
@@ -65,8 +67,8 @@ from torch import nn
 
 from vitopt.errors import ConfigError
 from vitopt.ir.add_attention import AddAttention
-from vitopt.ir.quant import (ActQuant, AttentionQuant, QKInt8Attention, QuantLinear, SymQuant, fake_quant_i8,
-                             fake_quant_u8, int8_key_projection, quant_layers)
+from vitopt.ir.quant import (ActQuant, AttentionQuant, QKInt8Attention, QuantLinear, SymQuant,
+                             fake_quant_i8, fake_quant_u8, int8_key_projection, quant_layers)
 from vitopt.ir.precision import cast_dtype
 from vitopt.ir.quant_stem import insert_quant_conv, patch_conv_node
 from vitopt.ir.stages import Attention, Mlp, Stem
@@ -241,9 +243,7 @@ class _Observer:
         lo, hi = min(self.lo, 0.0), max(self.hi, 0.0)
         if method == "minmax" or hi - lo <= 0:
             return lo, hi
-        x = torch.cat(self.samples)
-        if x.numel() > MSE_SAMPLE:
-            x = x[torch.randint(x.numel(), (MSE_SAMPLE,), generator=self.gen)]
+        x = self._sample()
         if method == "percentile":
             p = torch.quantile(x, torch.tensor([1 - percentile / 100, percentile / 100]))
             return (lo if keep_min else min(p[0].item(), 0.0)), max(p[1].item(), 0.0)
@@ -258,20 +258,23 @@ class _Observer:
                 best, best_err = cand, err
         return best
 
-
     def bound(self, method: str, percentile: float) -> float:
         """The clipping bound of a symmetric int8 range [-bound, bound]."""
         top = max(abs(self.lo), abs(self.hi))
         if method == "minmax" or top <= 0:
             return top
+        x = self._sample()
+        if method == "percentile":
+            return max(torch.quantile(x.abs(), percentile / 100).item(), 1e-12)
+        candidates = [top * r for r in torch.linspace(1.0 / MSE_GRID, 1.0, MSE_GRID).tolist()]
+        return min(candidates, key=lambda b: (fake_quant_i8(x, b / 127.0) - x).pow(2).mean().item())
+
+    def _sample(self) -> torch.Tensor:
+        """The observed values, at most MSE_SAMPLE of them (drawn at random)."""
         x = torch.cat(self.samples)
         if x.numel() > MSE_SAMPLE:
             x = x[torch.randint(x.numel(), (MSE_SAMPLE,), generator=self.gen)]
-        if method == "percentile":
-            return max(torch.quantile(x.abs(), percentile / 100).item(), 1e-12)
-        errors = {b: (fake_quant_i8(x, b / 127.0) - x).pow(2).mean().item()
-                  for b in (top * r for r in torch.linspace(1.0 / MSE_GRID, 1.0, MSE_GRID).tolist())}
-        return min(errors, key=errors.get)
+        return x
 
 
 def _calibrate(ir, images, targets, cfg) -> Dict[str, _Observer]:

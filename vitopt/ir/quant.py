@@ -176,11 +176,11 @@ class QKInt8Attention(nn.Module):
     tensor (`QuantLinear.output_quant`); the softmax and P.V stay float.
 
     quantize_int8's default. OpenVINO 2026.4 runs this as one int8 attention kernel per block,
-    with each quantizer fused into its GEMM as an int8 output stage (NNCF's transformer scheme also quantizes exactly the
-    two q.K^T inputs). Quantizing q and k after the head split instead left them as standalone
-    FakeQuantize nodes with bf16/f32/i8 reorders in dynamic-shape engines, which cost more than
-    the int8 kernel saved; u8 q/k/v with zero points (AttentionQuant) fused 2 of 12 DeiT-S blocks.
-    Explicit matmuls, not scaled_dot_product_attention: its ONNX form multiplies q and k by
+    with each quantizer fused into its GEMM as an int8 output stage (NNCF's transformer scheme
+    also quantizes exactly the two q.K^T inputs). Quantizing q and k after the head split
+    instead left them as standalone FakeQuantize nodes with bf16/f32/i8 reorders in
+    dynamic-shape engines, which cost more than the int8 kernel saved; u8 q/k/v with zero
+    points (AttentionQuant) fused 2 of 12 DeiT-S blocks. Explicit matmuls, not scaled_dot_product_attention: its ONNX form multiplies q and k by
     sqrt(scale) between the quantizers and the MatMul."""
 
     def forward(self, q, k, v, mask, scale: float) -> torch.Tensor:
