@@ -180,8 +180,9 @@ class QKInt8Attention(nn.Module):
     also quantizes exactly the two q.K^T inputs). Quantizing q and k after the head split
     instead left them as standalone FakeQuantize nodes with bf16/f32/i8 reorders in
     dynamic-shape engines, which cost more than the int8 kernel saved; u8 q/k/v with zero
-    points (AttentionQuant) fused 2 of 12 DeiT-S blocks. Explicit matmuls, not scaled_dot_product_attention: its ONNX form multiplies q and k by
-    sqrt(scale) between the quantizers and the MatMul."""
+    points (AttentionQuant) fused 2 of 12 DeiT-S blocks. Explicit matmuls, not
+    scaled_dot_product_attention: its ONNX form multiplies q and k by sqrt(scale) between the
+    quantizers and the MatMul."""
 
     def forward(self, q, k, v, mask, scale: float) -> torch.Tensor:
         logits = (q * scale if scale != 1.0 else q) @ k.transpose(-2, -1)
