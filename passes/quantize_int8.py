@@ -231,6 +231,7 @@ def _int8_error(x, weight, s, ref) -> float:
 class _Observer:
     def __init__(self, gen):
         self.lo, self.hi, self.samples, self.gen = math.inf, -math.inf, [], gen
+        self.drawn = None
 
     def add(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1).float()
@@ -270,17 +271,30 @@ class _Observer:
         return min(candidates, key=lambda b: (fake_quant_i8(x, b / 127.0) - x).pow(2).mean().item())
 
     def _sample(self) -> torch.Tensor:
-        """The observed values, at most MSE_SAMPLE of them (drawn at random)."""
-        x = torch.cat(self.samples)
-        if x.numel() > MSE_SAMPLE:
-            x = x[torch.randint(x.numel(), (MSE_SAMPLE,), generator=self.gen)]
-        return x
+        """The observed values, at most MSE_SAMPLE of them (drawn at random once, so that
+        layers sharing an observer get the same range)."""
+        if self.drawn is None:
+            x = torch.cat(self.samples)
+            if x.numel() > MSE_SAMPLE:
+                x = x[torch.randint(x.numel(), (MSE_SAMPLE,), generator=self.gen)]
+            self.drawn = x
+        return self.drawn
 
 
 def _calibrate(ir, images, targets, cfg) -> Dict[str, _Observer]:
     gen = torch.Generator().manual_seed(0)
-    observers, hooks = {}, []
+    observers, hooks, shared = {}, [], {}
     for name, (stage, attr) in targets.items():
+        if isinstance(stage, Attention) and attr in ("q", "k", "v"):
+            # Separate q, k and v read the same normed tokens: one observer (on the norm's
+            # output, every row even when trim_last_block cut q to the class token), so one
+            # quantizer that engines apply once.
+            if id(stage) not in shared:
+                shared[id(stage)] = _Observer(gen)
+                hooks.append(stage.norm.register_forward_hook(
+                    lambda m, args, out, obs=shared[id(stage)]: obs.add(out)))
+            observers[name] = shared[id(stage)]
+            continue
         observers[name] = _Observer(gen)
         hooks.append(getattr(stage, attr).register_forward_pre_hook(
             lambda m, args, obs=observers[name]: obs.add(args[0])))
@@ -322,6 +336,12 @@ def split_qkv_for_int8_logits(stage: Attention) -> None:
     stage.scale = 1.0
 
 
+def _attention_key(stage_name: str, part: str) -> str:
+    """The observer of an attention matmul input ("attn3.attention.q"): its own name, apart from
+    the projection layers' input observers ("attn3.q" observes the q projection's input)."""
+    return f"{stage_name}.attention.{part}"
+
+
 def _attention_observers(stage: Attention, observers, gen, cfg) -> list:
     """Observe the attention matmul inputs: for "qk" the q and k projection outputs (hooks on
     those Linears); for "qkv" q, k, v (and optionally the softmax output), recomputed from the
@@ -331,20 +351,20 @@ def _attention_observers(stage: Attention, observers, gen, cfg) -> list:
     if cfg.attention == "qk":
         handles = []
         for part in ("q", "k"):
-            observer = observers[f"{name}.{part}"] = _Observer(gen)
+            observer = observers[_attention_key(name, part)] = _Observer(gen)
             handles.append(getattr(stage, part).register_forward_hook(
                 lambda module, args, out, observer=observer: observer.add(out)))
         return handles
     parts = ("q", "k", "v") + (("softmax",) if cfg.quantize_softmax else ())
     for part in parts:
-        observers[f"{name}.{part}"] = _Observer(gen)
+        observers[_attention_key(name, part)] = _Observer(gen)
 
     def hook(module, inputs, h):
         q, k, v = stage.heads_qkv(h)
         for part, t in (("q", q), ("k", k), ("v", v)):
-            observers[f"{name}.{part}"].add(t)
+            observers[_attention_key(name, part)].add(t)
         if cfg.quantize_softmax:
-            observers[f"{name}.softmax"].add(((q @ k.transpose(-2, -1)) * stage.scale).softmax(-1))
+            observers[_attention_key(name, "softmax")].add(((q @ k.transpose(-2, -1)) * stage.scale).softmax(-1))
     return [stage.norm.register_forward_hook(hook)]
 
 
@@ -357,15 +377,15 @@ def _install_attention(stage, observers, cfg) -> dict:
         if cfg.attention == "qk":
             ranges = {}
             for part in ("q", "k"):
-                quant = SymQuant(observers[f"{name}.{part}"].bound(cfg.method, cfg.percentile),
+                quant = SymQuant(observers[_attention_key(name, part)].bound(cfg.method, cfg.percentile),
                                  cfg.method)
                 getattr(stage, part).output_quant = quant
                 ranges[part] = quant.to_dict()
             stage.attn_quant = QKInt8Attention()
             return ranges
-        parts = [ActQuant(*observers[f"{name}.{p}"].range(cfg.method, cfg.percentile, False),
+        parts = [ActQuant(*observers[_attention_key(name, p)].range(cfg.method, cfg.percentile, False),
                           cfg.method) for p in ("q", "k", "v")]
-        soft = (ActQuant(*observers[f"{name}.softmax"].range("minmax", 100.0, False), "minmax")
+        soft = (ActQuant(*observers[_attention_key(name, "softmax")].range("minmax", 100.0, False), "minmax")
                 if cfg.quantize_softmax else None)
     except ValueError as exc:
         raise ConfigError(f"quantize_int8: {name} attention: {exc}; use other calibration "

@@ -126,7 +126,7 @@ def test_token_merging_lowers_through_tvm(ir, tmp_path):
     """merge_tokens reduces with aten.amax, which TVM's importer lacks: vitopt/lower/tvm_aten_ops."""
     from vitopt.pipeline import run_pipeline
 
-    merged = run_pipeline(ir, "balanced").ir
+    merged = run_pipeline(ir, "none", ["merge_tokens:r=2"]).ir
     assert any(stage.kind == "merge" for stage in merged.stages)
     backend = get_backend("tvm")
     files = backend.build_module(merged, images(2), tmp_path / "m", precision="fp32", max_batch=2)

@@ -57,8 +57,10 @@ def test_proxy_accuracy_and_flops_follow_the_passes(suite_run):
     assert merged < 0.9 * proxy["torch-eager-fp32"]["gflops_per_image"]
     assert proxy["ov-fp32"]["gflops_per_image"] == proxy["torch-eager-fp32"]["gflops_per_image"]
     tiny = {r["cell"]: r for r in doc["records"] if r["model"] == "tiny_vit" and r["batch"] == 1}
-    assert tiny["vitopt lossless fp32"]["gflops_per_image"] == pytest.approx(
-        tiny["torch-eager-fp32"]["gflops_per_image"])      # exact passes keep the FLOPs
+    # exact passes: only trim_last_block changes the FLOPs (the last block's class row only)
+    lossless, eager = (tiny[cell]["gflops_per_image"]
+                       for cell in ("vitopt lossless fp32", "torch-eager-fp32"))
+    assert 0.5 * eager < lossless < eager
     assert all(r["top1"] is None for r in doc["records"] if r["model"] == "tiny_vit")
 
 

@@ -24,7 +24,8 @@ def test_compile_writes_an_artifact_and_a_report(artifact, capsys):
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["backend"]["name"] == "onnxruntime"
     assert manifest["token_schedule"][1] == 26
-    assert [p["name"] for p in manifest["passes"]] == ["fuse_qkv", "fold_layer_scale"]
+    assert [p["name"] for p in manifest["passes"]] == ["fuse_qkv", "fold_layer_scale",
+                                                        "trim_last_block"]
     assert manifest["latency"][0]["batch"] == 1
 
 

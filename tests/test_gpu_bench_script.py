@@ -137,7 +137,7 @@ def test_every_cell_has_a_complete_record(quick_run):
     assert by[("eager", 3)]["compile_s"] is None
     jit3, jit1 = by[("vitopt-jit", 3)], by[("vitopt-jit", 1)]
     assert jit3["profile"] == "max-autotune" and jit3["compile_s"] > 0 and jit3["bounds_applied"]
-    assert jit3["passes"] == [] and jit3["lift_s"] > 0 and jit3["same_precision_cos"] > 0.9999
+    assert jit3["passes"] == ["trim_last_block"] and jit3["lift_s"] > 0 and jit3["same_precision_cos"] > 0.9999
     assert jit1["callable_reused"] is True and jit3["callable_reused"] is False
     aoti = by[("vitopt-aoti", 1)]
     assert aoti["backend"] == "aotinductor" and aoti["tuning"] == "default"

@@ -51,7 +51,10 @@ def test_unknown_pass_preset_and_option_are_config_errors():
 
 def test_pass_options_override_preset_entries():
     specs = resolve_pipeline("lossless", ["fuse_qkv"])
-    assert [s.name for s in specs] == ["fuse_qkv", "fold_layer_scale"]
+    assert [s.name for s in specs] == ["fuse_qkv", "fold_layer_scale", "trim_last_block"]
+    # passes added to a preset go before its final trim_last_block
+    assert [s.name for s in resolve_pipeline("balanced", ["quantize_int8"])] == [
+        "fuse_qkv", "fold_layer_scale", "merge_tokens", "quantize_int8", "trim_last_block"]
     assert [s.name for s in resolve_pipeline("none", ["fold_layer_scale", "fuse_qkv"])] == [
         "fold_layer_scale", "fuse_qkv"]
 
@@ -60,7 +63,8 @@ def test_pipeline_records_and_dumps(traced_family, tmp_path):
     _, _, ir = traced_family("hf_dinov2")
     result = Pipeline.from_preset("lossless").run(ir, dump_dir=str(tmp_path))
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["000_input.txt", "001_fuse_qkv.txt", "002_fold_layer_scale.txt"]
+    assert names == ["000_input.txt", "001_fuse_qkv.txt", "002_fold_layer_scale.txt",
+                     "003_trim_last_block.txt"]
     assert "attn0" in (tmp_path / "001_fuse_qkv.txt").read_text()
     record = result.records[0]
     assert record.modified and record.seconds >= 0 and record.gflops_after == record.gflops_before

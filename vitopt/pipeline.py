@@ -122,17 +122,23 @@ class PassSpec:
         return {"name": self.name, "config": dataclasses.asdict(self.config())}
 
 
+#: Passes that stay last in a preset: passes added with --pass go before them
+#: (trim_last_block must see the final token schedule; see its docstring).
+FINAL_PASSES = ("trim_last_block",)
+
 #: Named pipelines. Order matters and lives here.
 PRESETS: Dict[str, List[PassSpec]] = {
     "none": [],
-    "lossless": [PassSpec("fuse_qkv"), PassSpec("fold_layer_scale")],
+    "lossless": [PassSpec("fuse_qkv"), PassSpec("fold_layer_scale"), PassSpec("trim_last_block")],
     # Token merging (ToMe) to a FLOPs budget, r per block capped at a share of the patch tokens
     # (vitopt.schedule.merge_schedule); chosen with benchmarks/token_reduction.py on the digits
     # proxy (accuracy) and DeiT-S/16 on OpenVINO bf16 (speed): DeiT-S gets r = 15 / r = 16.
     "balanced": [PassSpec("fuse_qkv"), PassSpec("fold_layer_scale"),
-                 PassSpec("merge_tokens", {"flops": 0.55, "max_rate": 0.1})],
+                 PassSpec("merge_tokens", {"flops": 0.55, "max_rate": 0.1}),
+                 PassSpec("trim_last_block")],
     "fast": [PassSpec("fuse_qkv"), PassSpec("fold_layer_scale"),
-             PassSpec("merge_tokens", {"flops": 0.5, "max_rate": 0.15})],
+             PassSpec("merge_tokens", {"flops": 0.5, "max_rate": 0.15}),
+             PassSpec("trim_last_block")],
 }
 
 
@@ -195,7 +201,7 @@ def parse_pass_option(text: str) -> PassSpec:
 
 def resolve_pipeline(preset: str = "none", extra: Sequence[str] = ()) -> List[PassSpec]:
     """A preset's pass list with `--pass` options applied: they override a pass already in the
-    preset (same name) or are appended after it."""
+    preset (same name) or are appended after it, before its FINAL_PASSES."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     specs = list(PRESETS[preset])
@@ -206,7 +212,9 @@ def resolve_pipeline(preset: str = "none", extra: Sequence[str] = ()) -> List[Pa
                 specs[index] = PassSpec(spec.name, {**existing.options, **spec.options})
                 break
         else:
-            specs.append(spec)
+            final = [i for i, s in enumerate(specs) if s.name in FINAL_PASSES]
+            at = final[0] if final and spec.name not in FINAL_PASSES else len(specs)
+            specs.insert(at, spec)
     for spec in specs:
         spec.config()  # validate every config before anything runs
     return specs

@@ -43,7 +43,7 @@ from vitopt.ir.state import TokenState
 
 #: Attributes of an Attention stage that passes set and that AddAttention keeps.
 COPIED_FLAGS = ("record_cls_attn", "record_keys", "cls_attn_query", "cls_attn_from", "size_bias",
-                "precision", "merge_key_proj")
+                "precision", "merge_key_proj", "query_tokens")
 EPS = 1e-6  # guards the normaliser, which is 0 only when every key's code is the query's complement
 
 
@@ -115,7 +115,8 @@ class AddAttention(Attention):
         x = state.x
         b, n, _ = x.shape
         h = self.norm(x)
-        q, k, v = self.heads_qkv(h)
+        q, k, v = self.heads_qkv(h, self.query_tokens)
+        rows = q.shape[2]
         if self.attn_quant is not None:
             q, k, v = self.attn_quant.q(q), self.attn_quant.k(k), self.attn_quant.v(v)
         weight = None
@@ -123,10 +124,11 @@ class AddAttention(Attention):
             weight = state.size.reshape(b, 1, n, 1).to(v.dtype)
         bq, bk = self.codes(q), self.codes(k)
         out = add_attention_linear(bq, bk, v, weight)
-        out = self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+        out = self.proj(out.transpose(1, 2).reshape(b, rows, self.num_heads * self.head_dim))
         if self.layer_scale is not None:
             out = out * self.layer_scale
-        new = state.with_x(x + out)
+        kept = self.trim_rows(state, out)
+        new = kept.with_x(kept.x + out)
         if self.record_cls_attn:
             new.cls_attn = self._query_row(q, bk, weight)
         if self.record_keys:
@@ -147,8 +149,10 @@ class AddAttention(Attention):
         """Projections, hashing (q H, k H: multiplies) and the linear-form attention, whose
         b_k^T V and b_q (.) products with +-1 codes are counted as one FLOP per addition."""
         n, m, d, heads = tokens_in, self.hash_bits, self.head_dim, self.num_heads
-        proj_flops = sum(2 * n * p.in_features * p.out_features for p in self.projections())
-        return proj_flops + heads * (2 * 2 * n * d * m + 2 * n * m * d + 2 * n * m)
+        rows = self.tokens_out(n)  # queries (query_tokens): their hashing and b_q products
+        hashing = 2 * (rows + n) * d * m
+        products = n * m * d + rows * m * d + 2 * rows * m  # b_k^T V, then b_q (.) per query
+        return self.projection_flops(n) + heads * (hashing + products)
 
     def describe(self) -> str:
         return (f"{super().describe()}; add-attention: binary Q/K codes, {self.hash_bits} bits "

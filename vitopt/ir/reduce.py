@@ -345,8 +345,9 @@ def has_stage(ir, cls) -> bool:
 def last_reduction_block(ir) -> Optional[int]:
     """The block of the last token-reduction stage already in the IR (None: there is none).
     A new reduction must come after it: the stages after a reduction are built for fixed
-    token counts."""
-    blocks = [s.block for s in ir.stages if isinstance(s, REDUCE_STAGES)]
+    token counts. An attention stage cut to the output's tokens (trim_last_block) counts too."""
+    blocks = [s.block for s in ir.stages if isinstance(s, REDUCE_STAGES)
+              or (isinstance(s, Attention) and s.query_tokens is not None)]
     return max(blocks) if blocks else None
 
 

@@ -155,27 +155,45 @@ class Attention(Stage):
         # quantize_int8 builds for a merging block, sharing the qkv input's quantizer); None
         # derives it from the qkv/k weights on the fly (`mean_key_projection`).
         self.merge_key_proj = None
+        # Only the first `query_tokens` tokens leave this stage (trim_last_block: the output
+        # reads no others): their queries attend over every token's keys and values, and the
+        # other rows are never computed. None: every token.
+        self.query_tokens = None
 
     @property
     def embed_dim(self) -> int:
         return self.norm.normalized_shape[0]
 
-    def heads_qkv(self, h: torch.Tensor):
-        """q, k, v per head, [B, heads, N, head_dim]. A fused qkv output is split by reshape +
-        permute + unbind (timm's form), not chunk: OpenVINO runs chunk's Split as a slow
-        reference kernel (12 x 20-30 ms for DeiT-S at batch 8 on this CPU, PERF_COUNT)."""
+    def heads_qkv(self, h: torch.Tensor, queries: Optional[int] = None):
+        """q, k, v per head, [B, heads, N, head_dim] (q for the first `queries` tokens only when
+        given: a separate q projection then runs on those rows alone). A fused qkv output is
+        split by reshape + permute + unbind (timm's form), not chunk: OpenVINO runs chunk's
+        Split as a slow reference kernel (12 x 20-30 ms for DeiT-S at batch 8 on this CPU,
+        PERF_COUNT)."""
         b, n, _ = h.shape
         if self.qkv is not None:
             qkv = self.qkv(h).reshape(b, n, 3, self.num_heads, self.head_dim)
-            return qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        return tuple(t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-                     for t in (self.q(h), self.k(h), self.v(h)))
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            return (q if queries is None else q[:, :, :queries]), k, v
+        rows = h if queries is None else h[:, :queries]
+        return tuple(t.reshape(b, t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+                     for t in (self.q(rows), self.k(h), self.v(h)))
+
+    def trim_rows(self, state: TokenState, x: torch.Tensor) -> TokenState:
+        """The state leaving a stage with `query_tokens`: the residual stream and the token
+        sizes cut to the rows whose queries ran."""
+        if self.query_tokens is None:
+            return state
+        rows = x.shape[1]
+        size = state.size[:, :rows] if state.size is not None else None
+        return TokenState(state.x[:, :rows], size=size)
 
     def forward(self, state: TokenState) -> TokenState:
         x = state.x
         b, n, _ = x.shape
         h = self.norm(x)
-        q, k, v = self.heads_qkv(h)
+        q, k, v = self.heads_qkv(h, self.query_tokens)
+        rows = q.shape[2]
         mask = None
         if state.size is not None and self.size_bias:  # proportional attention (ToMe): + log(size)
             mask = state.size.log().reshape(b, 1, 1, n).to(q.dtype)
@@ -183,10 +201,11 @@ class Attention(Stage):
             out = self.attn_quant(q, k, v, mask, self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        out = self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+        out = self.proj(out.transpose(1, 2).reshape(b, rows, self.num_heads * self.head_dim))
         if self.layer_scale is not None:
             out = out * self.layer_scale
-        new = state.with_x(x + out)
+        kept = self.trim_rows(state, out)
+        new = kept.with_x(kept.x + out)
         if self.record_cls_attn:
             # One row of attention per head from q_cls . K^T: never the full N x N matrix.
             query = (q[:, :, :1] if self.cls_attn_query == "cls"
@@ -228,16 +247,26 @@ class Attention(Stage):
         return {name for name, on in (("cls_attn", self.record_cls_attn),
                                       ("keys", self.record_keys)) if on}
 
+    def tokens_out(self, tokens_in: int) -> int:
+        return tokens_in if self.query_tokens is None else min(tokens_in, self.query_tokens)
+
     def flops(self, tokens_in: int) -> int:
-        n = tokens_in
-        proj_flops = sum(linear_flops(m, n) for m in self.projections())
-        attn_flops = 2 * 2 * n * n * self.num_heads * self.head_dim  # q.K^T and attn.V
-        return proj_flops + attn_flops
+        n, rows = tokens_in, self.tokens_out(tokens_in)
+        attn_flops = 2 * 2 * rows * n * self.num_heads * self.head_dim  # q.K^T and attn.V
+        return self.projection_flops(n) + attn_flops
+
+    def projection_flops(self, tokens_in: int) -> int:
+        """The q/k/v (or qkv) and output projections; a separate q and the output projection run
+        on the kept rows only (query_tokens)."""
+        rows = self.tokens_out(tokens_in)
+        return sum(linear_flops(m, rows if m is self.q or m is self.proj else tokens_in)
+                   for m in self.projections())
 
     def describe(self) -> str:
         qkv = "fused qkv" if self.qkv is not None else "separate q/k/v"
         ls = ", layer scale" if self.layer_scale is not None else ""
-        return f"{self.num_heads} heads x {self.head_dim}, {qkv}{ls}"
+        rows = f", queries of the first {self.query_tokens} tokens only" if self.query_tokens else ""
+        return f"{self.num_heads} heads x {self.head_dim}, {qkv}{ls}{rows}"
 
 
 class Mlp(Stage):
