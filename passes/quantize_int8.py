@@ -231,7 +231,7 @@ def _int8_error(x, weight, s, ref) -> float:
 class _Observer:
     def __init__(self, gen):
         self.lo, self.hi, self.samples, self.gen = math.inf, -math.inf, [], gen
-        self.drawn = None
+        self.drawn, self.ranges = None, {}
 
     def add(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1).float()
@@ -241,6 +241,13 @@ class _Observer:
         self.samples.append(flat)
 
     def range(self, method: str, percentile: float, keep_min: bool) -> Tuple[float, float]:
+        """(lo, hi) by `method`, searched once per setting (q, k and v share an observer)."""
+        key = (method, percentile, keep_min)
+        if key not in self.ranges:
+            self.ranges[key] = self._search_range(method, percentile, keep_min)
+        return self.ranges[key]
+
+    def _search_range(self, method: str, percentile: float, keep_min: bool) -> Tuple[float, float]:
         lo, hi = min(self.lo, 0.0), max(self.hi, 0.0)
         if method == "minmax" or hi - lo <= 0:
             return lo, hi
@@ -364,7 +371,8 @@ def _attention_observers(stage: Attention, observers, gen, cfg) -> list:
         for part, t in (("q", q), ("k", k), ("v", v)):
             observers[_attention_key(name, part)].add(t)
         if cfg.quantize_softmax:
-            observers[_attention_key(name, "softmax")].add(((q @ k.transpose(-2, -1)) * stage.scale).softmax(-1))
+            logits = (q @ k.transpose(-2, -1)) * stage.scale
+            observers[_attention_key(name, "softmax")].add(logits.softmax(-1))
     return [stage.norm.register_forward_hook(hook)]
 
 
@@ -377,16 +385,17 @@ def _install_attention(stage, observers, cfg) -> dict:
         if cfg.attention == "qk":
             ranges = {}
             for part in ("q", "k"):
-                quant = SymQuant(observers[_attention_key(name, part)].bound(cfg.method, cfg.percentile),
-                                 cfg.method)
+                bound = observers[_attention_key(name, part)].bound(cfg.method, cfg.percentile)
+                quant = SymQuant(bound, cfg.method)
                 getattr(stage, part).output_quant = quant
                 ranges[part] = quant.to_dict()
             stage.attn_quant = QKInt8Attention()
             return ranges
-        parts = [ActQuant(*observers[_attention_key(name, p)].range(cfg.method, cfg.percentile, False),
-                          cfg.method) for p in ("q", "k", "v")]
-        soft = (ActQuant(*observers[_attention_key(name, "softmax")].range("minmax", 100.0, False), "minmax")
-                if cfg.quantize_softmax else None)
+        parts = [ActQuant(*observers[_attention_key(name, p)].range(cfg.method, cfg.percentile,
+                                                                      False), cfg.method)
+                 for p in ("q", "k", "v")]
+        soft = (ActQuant(*observers[_attention_key(name, "softmax")].range("minmax", 100.0, False),
+                         "minmax") if cfg.quantize_softmax else None)
     except ValueError as exc:
         raise ConfigError(f"quantize_int8: {name} attention: {exc}; use other calibration "
                           f"images") from exc

@@ -127,7 +127,7 @@ class AddAttention(Attention):
         out = self.proj(out.transpose(1, 2).reshape(b, rows, self.num_heads * self.head_dim))
         if self.layer_scale is not None:
             out = out * self.layer_scale
-        kept = self.trim_rows(state, out)
+        kept = self.trim_rows(state, rows)
         new = kept.with_x(kept.x + out)
         if self.record_cls_attn:
             new.cls_attn = self._query_row(q, bk, weight)

@@ -179,12 +179,11 @@ class Attention(Stage):
         return tuple(t.reshape(b, t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
                      for t in (self.q(rows), self.k(h), self.v(h)))
 
-    def trim_rows(self, state: TokenState, x: torch.Tensor) -> TokenState:
+    def trim_rows(self, state: TokenState, rows: int) -> TokenState:
         """The state leaving a stage with `query_tokens`: the residual stream and the token
-        sizes cut to the rows whose queries ran."""
+        sizes cut to the `rows` whose queries ran."""
         if self.query_tokens is None:
             return state
-        rows = x.shape[1]
         size = state.size[:, :rows] if state.size is not None else None
         return TokenState(state.x[:, :rows], size=size)
 
@@ -204,7 +203,7 @@ class Attention(Stage):
         out = self.proj(out.transpose(1, 2).reshape(b, rows, self.num_heads * self.head_dim))
         if self.layer_scale is not None:
             out = out * self.layer_scale
-        kept = self.trim_rows(state, out)
+        kept = self.trim_rows(state, rows)
         new = kept.with_x(kept.x + out)
         if self.record_cls_attn:
             # One row of attention per head from q_cls . K^T: never the full N x N matrix.
@@ -265,7 +264,8 @@ class Attention(Stage):
     def describe(self) -> str:
         qkv = "fused qkv" if self.qkv is not None else "separate q/k/v"
         ls = ", layer scale" if self.layer_scale is not None else ""
-        rows = f", queries of the first {self.query_tokens} tokens only" if self.query_tokens else ""
+        rows = (f", queries of the first {self.query_tokens} tokens only"
+                if self.query_tokens else "")
         return f"{self.num_heads} heads x {self.head_dim}, {qkv}{ls}{rows}"
 
 
