@@ -52,20 +52,48 @@ def measure(fn: Callable[[], object], *, warmup: int = 3, runs: int = 10,
                   min(samples), len(samples), warmup)
 
 
-def measure_interleaved(fns: dict, *, warmup: int = 3, runs: int = 10, rounds: int = 3) -> dict:
-    """Time several callables in alternating rounds so machine drift hits each equally.
+def summarize(samples: List[float], warmup: int) -> Timing:
+    """The Timing of `samples` (ms per call)."""
+    return Timing(statistics.median(samples), _quantile(samples, 0.1), _quantile(samples, 0.9),
+                  min(samples), len(samples), warmup)
 
-    Returns {name: Timing} built from all `runs * rounds` samples of each callable.
-    """
+
+def measure_rounds(fns: dict, *, warmup: int = 3, runs: int = 10, rounds: int = 3) -> dict:
+    """Run several callables in alternating rounds (`runs` calls of each per round) so machine
+    drift hits each equally. Returns {name: [[ms of each call] per round]}."""
     samples = {name: [] for name in fns}
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     for _ in range(rounds):
         for name, fn in fns.items():
+            this_round = []
             for _ in range(runs):
                 t0 = time.perf_counter()
                 fn()
-                samples[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: Timing(statistics.median(s), _quantile(s, 0.1), _quantile(s, 0.9), min(s),
-                         len(s), warmup) for name, s in samples.items()}
+                this_round.append((time.perf_counter() - t0) * 1e3)
+            samples[name].append(this_round)
+    return samples
+
+
+def measure_interleaved(fns: dict, *, warmup: int = 3, runs: int = 10, rounds: int = 3) -> dict:
+    """Time several callables in alternating rounds (`measure_rounds`).
+
+    Returns {name: Timing} built from all `runs * rounds` samples of each callable.
+    """
+    by_round = measure_rounds(fns, warmup=warmup, runs=runs, rounds=rounds)
+    return {name: summarize([ms for r in rounds_ for ms in r], warmup)
+            for name, rounds_ in by_round.items()}
+
+
+def paired_ratio(numerator: List[List[float]], denominator: List[List[float]]) -> dict:
+    """Speed ratio of two callables timed in the same rounds (`measure_rounds`), paired by
+    round: the median over rounds of (median of `numerator`'s calls / median of
+    `denominator`'s), with its 10th and 90th percentiles. Pairing cancels drift that lasts
+    longer than a round, which the ratio of the overall medians does not."""
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError(f"paired_ratio needs the same rounds for both callables, got "
+                         f"{len(numerator)} and {len(denominator)}")
+    ratios = [statistics.median(a) / statistics.median(b) for a, b in zip(numerator, denominator)]
+    return {"median": statistics.median(ratios), "p10": _quantile(ratios, 0.1),
+            "p90": _quantile(ratios, 0.9), "rounds": len(ratios)}
