@@ -16,9 +16,10 @@ the MatMul; bias and LayerNorm outside any Q/DQ). ViT-specific handling:
     twin-uniform observation, done here with one asymmetric range).
   * Attention (`attention`): "qk" (default) makes the first attention matmul int8: the qkv
     GEMM is split into q, k and v GEMMs (exact), the attention scale is folded into q's weights
-    (exact up to rounding), and the q and k outputs are quantized symmetric int8 per tensor
-    (QuantLinear.output_quant, fused by the engines into the GEMM), with the softmax and P.V
-    in float (QKInt8Attention): OpenVINO runs it as its int8
+    (exact up to rounding), and q and k are quantized symmetric int8 per tensor (q at its
+    GEMM's output, fused by the engines into the GEMM; k after the head split, where OpenVINO
+    absorbs k's transpose into the attention kernel), with the softmax and P.V in float
+    (QKInt8Attention): OpenVINO runs it as its int8
     attention kernel (NNCF quantizes the same two inputs for transformers; DeiT-S/16 int8 +
     balanced merging, batch 8: about 4 % faster than float attention in dynamic- and
     static-shape engines); "float" keeps both attention matmuls in float (engines fuse them in
@@ -378,19 +379,16 @@ def _attention_observers(stage: Attention, observers, gen, cfg) -> list:
 
 def _install_attention(stage, observers, cfg) -> dict:
     """Put the calibrated attention quantization in place; returns its ranges for the stats.
-    "qk": output quantizers on the (int8) q and k projections and the explicit core; a
-    projection kept in float stays unquantized."""
+    "qk": q's quantizer on the q projection (a q projection kept in float stays unquantized),
+    k's in the explicit core, after the head split."""
     name = _stage_name(stage)
     try:
         if cfg.attention == "qk":
-            ranges = {}
-            for part in ("q", "k"):
-                bound = observers[_attention_key(name, part)].bound(cfg.method, cfg.percentile)
-                quant = SymQuant(bound, cfg.method)
-                getattr(stage, part).output_quant = quant
-                ranges[part] = quant.to_dict()
-            stage.attn_quant = QKInt8Attention()
-            return ranges
+            quants = {part: SymQuant(observers[_attention_key(name, part)].bound(
+                cfg.method, cfg.percentile), cfg.method) for part in ("q", "k")}
+            stage.q.output_quant = quants["q"]  # fused into the q GEMM as its int8 output
+            stage.attn_quant = QKInt8Attention(k_quant=quants["k"])  # see QKInt8Attention
+            return {part: quant.to_dict() for part, quant in quants.items()}
         parts = [ActQuant(*observers[_attention_key(name, p)].range(cfg.method, cfg.percentile,
                                                                       False), cfg.method)
                  for p in ("q", "k", "v")]

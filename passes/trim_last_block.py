@@ -16,8 +16,11 @@ stages between the last attention and it. Declines for mean pooling and token-se
 (the output reads every row) and a traced tail (unknown reads). Early exits sit before the
 last block (insert_exit_heads), so they are untouched.
 Order: after the token passes (merge_tokens and prune_tokens decline on a trimmed IR: run them
-first; `resolve_pipeline` puts passes added with --pass before a preset's trim). Quantization
-may come before or after it.
+first; `resolve_pipeline` puts passes added with --pass before a preset's trim). Precision
+passes go after it (`resolve_pipeline` and compile's --precision put them there): on a
+fake-quantized IR the trimmed block's one-row GEMMs round differently from the full ones in
+the last float bits, which can move a value across a quantization step; before it, it still
+runs, but its exactness check can fail on such a flip.
 Cost: exact (the kept row is computed by the same operations).
 """
 from __future__ import annotations

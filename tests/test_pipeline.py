@@ -52,9 +52,10 @@ def test_unknown_pass_preset_and_option_are_config_errors():
 def test_pass_options_override_preset_entries():
     specs = resolve_pipeline("lossless", ["fuse_qkv"])
     assert [s.name for s in specs] == ["fuse_qkv", "fold_layer_scale", "trim_last_block"]
-    # passes added to a preset go before its final trim_last_block
-    assert [s.name for s in resolve_pipeline("balanced", ["quantize_int8"])] == [
-        "fuse_qkv", "fold_layer_scale", "merge_tokens", "quantize_int8", "trim_last_block"]
+    # passes added to a preset go before its final trim_last_block, precision passes after it
+    assert [s.name for s in resolve_pipeline("balanced", ["prune_tokens", "quantize_int8"])] == [
+        "fuse_qkv", "fold_layer_scale", "merge_tokens", "prune_tokens", "trim_last_block",
+        "quantize_int8"]
     assert [s.name for s in resolve_pipeline("none", ["fold_layer_scale", "fuse_qkv"])] == [
         "fold_layer_scale", "fuse_qkv"]
 

@@ -123,8 +123,13 @@ class PassSpec:
 
 
 #: Passes that stay last in a preset: passes added with --pass go before them
-#: (trim_last_block must see the final token schedule; see its docstring).
+#: (trim_last_block must see the final token schedule; see its docstring) ...
 FINAL_PASSES = ("trim_last_block",)
+#: ... except precision passes, which go after them: they keep the token schedule, the exact
+#: passes before them are then checked on the float IR (a fake-quantized IR rounds the
+#: trimmed block's 1-row GEMMs differently from the full ones, which can move a value across
+#: a quantization step), and calibration sees the graph that runs.
+PRECISION_PASSES = ("quantize_int8", "cast_fp16", "cast_bf16")
 
 #: Named pipelines. Order matters and lives here.
 PRESETS: Dict[str, List[PassSpec]] = {
@@ -201,7 +206,8 @@ def parse_pass_option(text: str) -> PassSpec:
 
 def resolve_pipeline(preset: str = "none", extra: Sequence[str] = ()) -> List[PassSpec]:
     """A preset's pass list with `--pass` options applied: they override a pass already in the
-    preset (same name) or are appended after it, before its FINAL_PASSES."""
+    preset (same name) or are appended after it, before its FINAL_PASSES (precision passes
+    after them)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     specs = list(PRESETS[preset])
@@ -213,7 +219,8 @@ def resolve_pipeline(preset: str = "none", extra: Sequence[str] = ()) -> List[Pa
                 break
         else:
             final = [i for i, s in enumerate(specs) if s.name in FINAL_PASSES]
-            at = final[0] if final and spec.name not in FINAL_PASSES else len(specs)
+            before_final = spec.name not in FINAL_PASSES + PRECISION_PASSES
+            at = final[0] if final and before_final else len(specs)
             specs.insert(at, spec)
     for spec in specs:
         spec.config()  # validate every config before anything runs

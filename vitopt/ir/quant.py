@@ -16,9 +16,10 @@ and the bias is added after the MatMul, outside the Q/DQ pair.
 * `QuantLinear` drop-in for nn.Linear inside Attention/Mlp stages (same in/out features,
   `.weight`/`.bias` give the dequantized float weights), with an optional input ActQuant.
 * `SymQuant`   per-tensor symmetric int8 activation quantizer (zero point 0).
-* `QKInt8Attention` explicit attention core for q and k quantized symmetric int8 at their
-  projections (`QuantLinear.output_quant`), softmax and P.V in float (the scheme OpenVINO fuses
-  into its int8 attention kernel), installed as `Attention.attn_quant`.
+* `QKInt8Attention` explicit attention core for q and k quantized symmetric int8 (q at its
+  projection, `QuantLinear.output_quant`; k at the core's input, `k_quant`), softmax and P.V in
+  float (the scheme OpenVINO fuses into its int8 attention kernel), installed as
+  `Attention.attn_quant`.
 * `AttentionQuant` fake quantization of q, k, v in u8 (and, for the naive baseline only, the
   softmax output), installed as `Attention.attn_quant`.
 """
@@ -158,7 +159,10 @@ def int8_key_projection(stage, input_quant: ActQuant) -> QuantLinear:
     DequantizeLinear on the same int8 initializer made it fold the qkv weight to float and run
     that GEMM in bf16. As a QuantLinear with the qkv's input quantizer it is one more small int8
     GEMM on the same u8 input (DeiT-S/16 balanced, batch 8: about 0.5 ms per merging block).
-    Merging only ranks tokens by these keys: int8 rounding can change which pairs merge, which
+    Averaging k's rows over the heads instead (a ReduceMean over [B, N, heads, Dh] of the k
+    GEMM's output) was slower in OpenVINO 2026.4 dynamic-shape engines: 0.24 ms per merging
+    block at batch 8, and k's second reader kept its quantizer out of the attention kernel
+    (standalone FakeQuantize with reorders, balanced DeiT-S +10 %). Merging only ranks tokens by these keys: int8 rounding can change which pairs merge, which
     the fake-quant reference (the IR) reproduces exactly."""
     weight, bias = stage.mean_key_projection()
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
@@ -170,28 +174,43 @@ def int8_key_projection(stage, input_quant: ActQuant) -> QuantLinear:
 
 
 class QKInt8Attention(nn.Module):
-    """softmax(q . k^T * scale + mask) . v as explicit matmuls, for q and k that arrive int8:
-    quantize_int8 attention=qk splits the qkv GEMM into q, k and v GEMMs, folds the attention
-    scale into q's weights (scale 1 here) and quantizes the q and k outputs symmetric int8 per
-    tensor (`QuantLinear.output_quant`); the softmax and P.V stay float.
+    """softmax(q . k^T * scale + mask) . v as explicit matmuls, with q and k int8: quantize_int8
+    attention=qk splits the qkv GEMM into q, k and v GEMMs, folds the attention scale into q's
+    weights (scale 1 here), quantizes q symmetric int8 per tensor at its projection
+    (`QuantLinear.output_quant`) and k the same way here, after the head split (`k_quant`); the
+    softmax and P.V stay float.
 
-    quantize_int8's default. OpenVINO 2026.4 runs this as one int8 attention kernel per block,
-    with each quantizer fused into its GEMM as an int8 output stage (NNCF's transformer scheme
-    also quantizes exactly the two q.K^T inputs). Quantizing q and k after the head split
-    instead left them as standalone FakeQuantize nodes with bf16/f32/i8 reorders in
-    dynamic-shape engines, which cost more than the int8 kernel saved; u8 q/k/v with zero
-    points (AttentionQuant) fused 2 of 12 DeiT-S blocks. Explicit matmuls, not
-    scaled_dot_product_attention: its ONNX form multiplies q and k by sqrt(scale) between the
-    quantizers and the MatMul."""
+    quantize_int8's default. OpenVINO 2026.4 runs this as one int8 attention kernel per block
+    (NNCF's transformer scheme also quantizes exactly the two q.K^T inputs). Where each
+    quantizer sits decides what OpenVINO fuses (DeiT-S/16, PERF_COUNT):
+    * q's, at the GEMM, becomes the GEMM's int8 output stage, and q's head-split transpose
+      ([0,2,1,3]) is absorbed by the attention kernel.
+    * k's, between the head split and K^T, keeps the two transposes apart: OpenVINO then turns
+      K^T into the matmul's transpose_b and absorbs the [0,2,1,3] transpose into the kernel.
+      At the GEMM instead, the two transposes fused into one [0,2,3,1] on int8 k, outside the
+      kernel (a reference kernel, about 0.25 ms per block at batch 8: 1.8 ms of a 66 ms
+      balanced engine).
+    * Both after the head split (an earlier version) left standalone FakeQuantize nodes with
+      bf16/f32/i8 reorders in dynamic-shape engines.
+    u8 q/k/v with zero points (AttentionQuant) fused 2 of 12 DeiT-S blocks. Explicit matmuls,
+    not scaled_dot_product_attention: its ONNX form multiplies q and k by sqrt(scale) between
+    the quantizers and the MatMul."""
+
+    def __init__(self, k_quant: Optional[SymQuant] = None):
+        super().__init__()
+        self.k_quant = k_quant
 
     def forward(self, q, k, v, mask, scale: float) -> torch.Tensor:
+        if self.k_quant is not None:
+            k = self.k_quant(k)
         logits = (q * scale if scale != 1.0 else q) @ k.transpose(-2, -1)
         if mask is not None:
             logits = logits + mask
         return logits.softmax(dim=-1) @ v
 
     def extra_repr(self) -> str:
-        return "q.K^T on int8 q and k (quantized at their projections), P.V float"
+        k = f"k int8 bound {self.k_quant.bound:.3g} here" if self.k_quant is not None else "k float"
+        return f"q.K^T on int8 q (quantized at its projection) and {k}; P.V float"
 
 
 class AttentionQuant(nn.Module):
