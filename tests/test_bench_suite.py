@@ -117,6 +117,14 @@ def test_headline_picks_the_fastest_preset_and_its_ratio():
     assert rows[0]["ratio"] == pytest.approx(1.25)
     assert rows[0]["torch-eager-fp32"] == 40.0 and rows[0]["ov-nncf-int8"] is None
     assert rows[0]["plain"].startswith("vitopt none bf16 4.00")   # fastest without merging
+    # exact passes (trim_last_block included) and int8 count as "without token reduction"
+    trimmed = record("vitopt lossless int8", "vitopt", "preset", 3.0)
+    trimmed["passes_applied"] = ["fuse_qkv", "trim_last_block", "quantize_int8"]
+    merged = record("vitopt fast int8", "vitopt", "preset", 2.0)
+    merged["passes_applied"] = ["merge_tokens", "trim_last_block", "quantize_int8"]
+    rows = headline_rows([record("ov-bf16", "peer", "peer", 10.0), trimmed, merged])
+    assert rows[0]["vitopt"].startswith("vitopt fast int8")
+    assert rows[0]["plain"].startswith("vitopt lossless int8 3.00")
 
 
 def test_pareto_front():

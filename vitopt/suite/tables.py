@@ -104,12 +104,17 @@ def best_preset(rows: List[dict]) -> Optional[dict]:
     return min(presets, key=_median) if presets else None
 
 
-EXACT_PASSES = {"fuse_qkv", "fold_layer_scale"}
+def _exact_passes() -> set:
+    """The registered exact passes (fuse_qkv, fold_layer_scale, trim_last_block, ...)."""
+    from vitopt.pipeline import registry
+    return {name for name, info in registry().items() if info.exact}
 
 
 def _without_token_reduction(rows: List[dict]) -> List[dict]:
+    """vitopt cells whose passes are all exact, apart from int8 quantization."""
+    exact = _exact_passes() | {"quantize_int8"}
     return [r for r in rows if r["kind"] == "vitopt" and r["status"] == "ok"
-            and set(r["passes_applied"] or ()) - {"quantize_int8"} <= EXACT_PASSES]
+            and set(r["passes_applied"] or ()) <= exact]
 
 
 def headline_rows(records: List[dict]) -> List[dict]:
