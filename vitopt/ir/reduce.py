@@ -8,11 +8,13 @@ that inserts them asks to record it (`Attention.record_cls_attn` / `record_keys`
 
 Formulation (what every engine runs with fast kernels; checked on DeiT-S/16 with OpenVINO
 2026.4 bf16, compiled-model runtime info and PERF_COUNT per-op profiles; see design.md §7):
-* every data-dependent row selection is ONE gather of whole rows over the flattened batch
+* every data-dependent row selection is a gather of whole rows over the flattened batch
   (`batch_rows`, ONNX GatherND: row copies, ~0.1 ms for [8, 197, 384]). No GatherElements (a
   reference kernel in OpenVINO, ~10x slower), no index expanded to the embedding width, no
   scatter_reduce, no strided slices: ToMe's alternating A/B split is arithmetic on indices
-  (A = prefix + 2i, B = prefix + 1 + 2j) and the rows are gathered once, in their final order.
+  (A = prefix + 2i, B = prefix + 1 + 2j). A merge gathers the kept rows (in their final
+  order) and the sources separately: one gather followed by a split of the rows ran the split
+  as a reference kernel in OpenVINO (VariadicSplit, 0.03-0.05 ms per merge at batch 8).
 * sums of rows (merging sources into destinations, fusing pruned tokens) are small matmuls
   with a 0/1 assignment matrix built by Equal + Cast, [N-r, r] per image, never [N, N].
 * divisions happen on the small weights, never on token rows, and the 0/1 matrix never feeds
@@ -187,9 +189,12 @@ class MergeTokens(Stage):
         dst = batch_rows(match, order[:, na - r:])                       # [B, r] index into B
         fixed = torch.cat([torch.arange(p, device=x.device),
                            torch.arange(p + 1, n, 2, device=x.device)])  # prefix, then B
-        perm = torch.cat([fixed.unsqueeze(0).expand(batch, p + nb), p + 2 * order], dim=1)
-        rows = batch_rows(x, perm)                                       # [B, N, D], final order
-        keep, src = rows[:, :n - r], rows[:, n - r:]
+        # Kept rows in their final order, and the r sources: two gathers, not one gather and a
+        # split of the rows (OpenVINO runs that Split as a reference kernel).
+        keep_index = torch.cat([fixed.unsqueeze(0).expand(batch, p + nb),
+                                p + 2 * order[:, :na - r]], dim=1)       # [B, N-r]
+        src_index = p + 2 * order[:, na - r:]                            # [B, r]
+        keep, src = batch_rows(x, keep_index), batch_rows(x, src_index)
         # assign[b, i, j] = 1 when source j merges into kept row i (its B destination).
         assign = (torch.arange(n - r, device=x.device).reshape(1, -1, 1)
                   == (dst + p).unsqueeze(1)).to(x.dtype)                 # [B, N-r, r]
@@ -201,8 +206,7 @@ class MergeTokens(Stage):
             inverse = 1.0 / total
             merged = keep * inverse + (assign * inverse) @ src
         else:
-            sizes = batch_rows(size, perm)
-            keep_size, src_size = sizes[:, :n - r], sizes[:, n - r:]
+            keep_size, src_size = batch_rows(size, keep_index), batch_rows(size, src_index)
             weight = assign * src_size.transpose(1, 2)                     # [B, N-r, r]
             total = keep_size + weight.sum(dim=-1, keepdim=True)
             inverse = 1.0 / total
