@@ -71,12 +71,15 @@ def test_balanced_preset_in_bf16_is_judged_by_accuracy_not_noise(tmp_path):
     from vitopt.backends import get_backend
     if not get_backend("openvino").supports("bf16")[0]:
         pytest.skip("this CPU has no bf16")
+    messages = []
     report = compile_model("builtin:digits-vit", tmp_path / "bal.vitopt", backend="openvino",
                            precision="bf16", preset="balanced", eval="builtin:digits", max_batch=64,
-                           measure=False)
+                           measure=False, log=messages.append)
     assert min(report.manifest["token_schedule"][1:-3]) < report.manifest["token_schedule"][1]
     assert report.accuracy_before - report.accuracy_after <= 0.01
     assert "merge_tokens" in [p["name"] for p in report.manifest["passes"]]
+    # no --calib: the engine check runs on the first --eval images instead of random probes
+    assert [m for m in messages if "engine matches the IR on 3 builtin:digits images" in m], messages
 
 
 def test_merged_int8_engine_is_checked_on_calibration_images(tmp_path):

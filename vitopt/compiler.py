@@ -219,7 +219,7 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
         check = (None if cross else
                  exit_steps.check(ir, engine, example, precision, backend_name, log) if exits
                  else check_engine(ir, engine, example, precision, backend_name, log,
-                                   real=context.calib))
+                                   real=lambda: real_images(context, options, ir)))
 
         report = CompileReport(Path(output), {}, result,
                                engine_max_abs_diff=check.max_abs if check else float("nan"))
@@ -340,16 +340,31 @@ def pass_context(specs: List[PassSpec], options: CompileOptions, ir: EncoderIR, 
 DISCRETE_STAGES = ("merge", "prune", "select")
 
 
+def real_images(context: PassContext, options: CompileOptions,
+                ir: EncoderIR) -> Optional[Tuple[torch.Tensor, str]]:
+    """Real images for the engine check and what they are: the calibration images, else the
+    first three of the --eval data; None without either."""
+    if context.calib is not None:
+        return context.calib, "calibration images"
+    if not options.eval:
+        return None
+    from vitopt.data.folder import resolve_dataset
+    images, _, _ = resolve_dataset(options.eval, "test", ir.meta.image_size[0], ir.meta.mean,
+                                   ir.meta.std, ir.meta.in_chans, limit=3)
+    return images, f"{options.eval} images"
+
+
 def check_engine(ir: EncoderIR, engine, example: torch.Tensor, precision: str, backend_name: str,
-                 log: Log, real: Optional[torch.Tensor] = None):
+                 log: Log, real: Optional[Callable[[], Optional[Tuple[torch.Tensor, str]]]] = None):
     """Compare the engine with the IR's reference on probe images (the tolerance table's bound).
 
     With token merging/pruning in reduced precision the comparison is advisory: on random probe
     images the similarity scores are near ties, so bf16/fp16/int8 rounding flips which tokens
     merge and the outputs differ although the engine is right (digits proxy, balanced + int8 on
-    OpenVINO: cosine 0.74 on random images, 0.998 on real ones). So it runs on `real` images
-    when given (the calibration images, as many as `example` has), where it usually passes, and
-    accuracy on real data (--eval) remains the check that counts. Everything else must match or
+    OpenVINO: cosine 0.74 on random images, 0.998 on real ones). So it runs on the images
+    `real()` returns when it returns some (`real_images`: --calib, else --eval; as many as
+    `example` has), where it usually passes, and accuracy on real data (--eval) remains the
+    check that counts. Everything else must match or
     the compile fails (exit code 2).
     """
     from vitopt.errors import NumericsError
@@ -372,9 +387,9 @@ def check_engine(ir: EncoderIR, engine, example: torch.Tensor, precision: str, b
         check = require_close(actual, expected, precision, backend_name, what=what)
         log(f"engine matches the IR: max abs diff {check.max_abs:.2e}, cosine {check.cos_sim:.6f}")
         return check
-    images = "random probe images"
-    if real is not None and len(real) > 0:
-        example, images = real[:example.shape[0]], "calibration images"
+    images, found = "random probe images", real() if real is not None else None
+    if found is not None and len(found[0]) > 0:
+        example, images = found[0][:example.shape[0]], found[1]
         with torch.no_grad():
             expected = ir(example).numpy()
         actual = engine.run(example.numpy())
