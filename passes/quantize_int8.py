@@ -17,9 +17,9 @@ the MatMul; bias and LayerNorm outside any Q/DQ). ViT-specific handling:
   * Attention (`attention`): "qk" (default) makes the first attention matmul int8: the qkv
     GEMM is split into q, k and v GEMMs (exact), the attention scale is folded into q's weights
     (exact up to rounding), and q and k are quantized symmetric int8 per tensor (q at its
-    GEMM's output, fused by the engines into the GEMM; k after the head split, where OpenVINO
-    absorbs k's transpose into the attention kernel), with the softmax and P.V in float
-    (QKInt8Attention): OpenVINO runs it as its int8
+    GEMM's output, fused by the engines into the GEMM; k after the head split, which spares
+    OpenVINO a slow [0,2,3,1] transpose of k), with the softmax and P.V in float
+    (QKInt8Attention, which says why): OpenVINO runs it as its int8
     attention kernel (NNCF quantizes the same two inputs for transformers; DeiT-S/16 int8 +
     balanced merging, batch 8: about 4 % faster than float attention in dynamic- and
     static-shape engines); "float" keeps both attention matmuls in float (engines fuse them in
