@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table, write_results  # noqa: E402
 
 OUTLIER = 300.0
+WARMUP = 3  # untimed calls per engine before the timed rounds
 NAIVE = {"smooth": False, "method": "minmax", "attention": "qkv", "quantize_softmax": True}
 SETTINGS = [
     ("fp32", None),
@@ -289,11 +290,11 @@ def time_group(model_name, backend_name, group, kernels, batch, runs, rounds, lo
     """Rows for one group of engines at one batch, timed in interleaved rounds; the ratios are
     against the group's fastest non-vitopt engine: of the medians, and paired by round
     (vitopt.timing.paired_ratio: the median of per-round ratios, robust to drift)."""
-    from vitopt.timing import measure_rounds, paired_ratio, summarize
+    from vitopt.timing import measure_rounds, paired_ratio, summarize_rounds
     images = np.random.default_rng(batch).standard_normal((batch, 3, 224, 224)).astype(np.float32)
     by_round = measure_rounds({n: (lambda e=e: e.run(images)) for n, e in group.items()},
-                              runs=runs, rounds=rounds)
-    times = {n: summarize([ms for r in rounds_ for ms in r], 3) for n, rounds_ in by_round.items()}
+                              warmup=WARMUP, runs=runs, rounds=rounds)
+    times = summarize_rounds(by_round, WARMUP)
     base = min((n for n in group if "vitopt" not in n), key=lambda n: times[n].median_ms)
     rows = []
     for name, t in times.items():

@@ -1,4 +1,6 @@
 """compile_model end to end: every backend's engine matches the IR; accuracy on the proxy."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -92,4 +94,4 @@ def test_merged_int8_engine_is_checked_on_calibration_images(tmp_path):
     checked = [m for m in messages if "engine matches the IR on 3 calibration images" in m]
     assert checked, messages
     assert not [m for m in messages if m.startswith("warning: the openvino int8 engine differs")]
-    assert report.engine_max_abs_diff == report.engine_max_abs_diff  # a number, not the NaN of no check
+    assert math.isfinite(report.engine_max_abs_diff)  # NaN means no check ran

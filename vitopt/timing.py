@@ -81,9 +81,13 @@ def measure_interleaved(fns: dict, *, warmup: int = 3, runs: int = 10, rounds: i
 
     Returns {name: Timing} built from all `runs * rounds` samples of each callable.
     """
-    by_round = measure_rounds(fns, warmup=warmup, runs=runs, rounds=rounds)
-    return {name: summarize([ms for r in rounds_ for ms in r], warmup)
-            for name, rounds_ in by_round.items()}
+    return summarize_rounds(measure_rounds(fns, warmup=warmup, runs=runs, rounds=rounds), warmup)
+
+
+def summarize_rounds(by_round: dict, warmup: int) -> dict:
+    """{name: Timing} over all rounds of `measure_rounds`' result."""
+    return {name: summarize([ms for r in rounds for ms in r], warmup)
+            for name, rounds in by_round.items()}
 
 
 def paired_ratio(numerator: List[List[float]], denominator: List[List[float]]) -> dict:
