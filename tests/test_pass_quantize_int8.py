@@ -279,3 +279,52 @@ def test_int8_attention_calibration_and_add_attention(traced_family):
     assert all(s.attn_quant is None for s in quantize(hashed, attention="qk").ir.attention_stages())
     qkv = quantize(hashed, attention="qkv").ir
     assert all(s.attn_quant is not None for s in qkv.attention_stages())
+
+
+def test_layout_ops_run_on_quantized_values(traced_family, tmp_path):
+    """The output projection's input quantizer runs on the attention output before the head
+    merge, and the stem's on the images before the patchify: the same function (per-tensor
+    quantization commutes with transposes and reshapes), with QuantizeLinear before each
+    Transpose in the ONNX graph and those Transposes run on int8 values in OpenVINO."""
+    import onnx
+    from vitopt.backends.openvino import runtime_precisions
+    from vitopt.ir.quant_stem import quant_conv
+    from vitopt.lower.onnx_export import export_onnx
+    _, example, ir = traced_family("timm_vit")
+    new = quantize(ir).ir
+    stages = new.attention_stages()
+    assert all(s.proj.input_quantized_early for s in stages)
+    stem = quant_conv(new.stages[0]).linear
+    assert stem.input_quantized_early
+    with torch.no_grad():
+        early = new(example)
+        for layer in [stem] + [s.proj for s in stages]:
+            layer.input_quantized_early = False  # each layer quantizes its own input again
+        assert torch.equal(new(example), early)
+        for layer in [stem] + [s.proj for s in stages]:
+            layer.input_quantized_early = True
+
+    graph = onnx.load(str(export_onnx(new, example, tmp_path / "q.onnx"))).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    quantized_transposes = [n for n in graph.node if n.op_type == "Transpose"
+                            and producer[n.input[0]].op_type in ("DequantizeLinear", "Reshape")
+                            and _upstream_op(producer, n.input[0]) == "DequantizeLinear"]
+    # per block: k's head split, and the head merge before proj; plus the stem's patchify
+    assert len(quantized_transposes) >= 2 * len(stages) + 1
+    first_q = next(n for n in graph.node if n.op_type == "QuantizeLinear")
+    assert first_q.input[0] == graph.input[0].name  # the images themselves
+
+    engines = check_engines_match(new, example, tmp_path, backends=("openvino",), batches=(3,),
+                                  precision="int8")
+    counts = runtime_precisions(engines["openvino"][0])
+    float_transposes = sum(n for (t, p), n in counts.items() if t == "Transpose"
+                           and p.lower() not in ("u8", "i8"))
+    assert float_transposes == 0, counts
+
+
+def _upstream_op(producer, name):
+    """The first op above `name` that is not a Reshape."""
+    node = producer[name]
+    while node.op_type == "Reshape":
+        node = producer[node.input[0]]
+    return node.op_type

@@ -124,7 +124,7 @@ class AddAttention(Attention):
             weight = state.size.reshape(b, 1, n, 1).to(v.dtype)
         bq, bk = self.codes(q), self.codes(k)
         out = add_attention_linear(bq, bk, v, weight)
-        out = self.proj(out.transpose(1, 2).reshape(b, rows, self.num_heads * self.head_dim))
+        out = self.project_heads(out)
         if self.layer_scale is not None:
             out = out * self.layer_scale
         kept = self.trim_rows(state, rows)

@@ -112,6 +112,11 @@ class QuantLinear(nn.Module):
         self.bias = (nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None
                      else None)
         self.input_quant = input_quant
+        # True when the producer applies input_quant, before a layout-only op between them (the
+        # attention's head merge, the stem's patchify): per-tensor quantization commutes with
+        # a transpose or reshape, and the engines then fuse the quantizer into the producing
+        # kernel and move int8 through the layout op (see `early_input_quant`).
+        self.input_quantized_early = False
         # Optional symmetric int8 quantizer of the output (quantize_int8 attention=qk puts one on
         # the q and k projections: the engines fuse it into the GEMM as an int8 output stage).
         self.output_quant: Optional[SymQuant] = None
@@ -126,8 +131,16 @@ class QuantLinear(nn.Module):
         """The dequantized weight [out, in], like nn.Linear.weight (for passes and FLOP counts)."""
         return self.dequantized_weight_t().t()
 
+    @property
+    def early_input_quant(self) -> Optional[ActQuant]:
+        """The input quantizer when the producer must apply it (`input_quantized_early`), else
+        None: the layer then receives values already on its u8 grid and does not quantize
+        them again."""
+        return self.input_quant if self.input_quantized_early else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.matmul(self.input_quant(x), self.dequantized_weight_t())
+        x = x if self.input_quantized_early else self.input_quant(x)
+        out = torch.matmul(x, self.dequantized_weight_t())
         out = out + self.bias if self.bias is not None else out
         return self.output_quant(out) if self.output_quant is not None else out
 
@@ -144,8 +157,9 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         q = self.input_quant
         out = f", out i8 bound {self.output_quant.bound:.3g}" if self.output_quant is not None else ""
+        where = " at the producer" if self.input_quantized_early else ""
         return (f"{self.in_features}->{self.out_features}, w int8/ch, x u8 scale {q.scale:.3g} "
-                f"zp {q.zero_point} ({q.method}){out}")
+                f"zp {q.zero_point} ({q.method}){where}{out}")
 
 
 def int8_key_projection(stage, input_quant: ActQuant) -> QuantLinear:
