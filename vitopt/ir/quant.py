@@ -14,7 +14,10 @@ and the bias is added after the MatMul, outside the Q/DQ pair.
 
 * `ActQuant`   per-tensor affine activation quantizer (u8, scale, zero point, how chosen).
 * `QuantLinear` drop-in for nn.Linear inside Attention/Mlp stages (same in/out features,
-  `.weight`/`.bias` give the dequantized float weights), with an optional input ActQuant.
+  `.weight`/`.bias` give the dequantized float weights), with an optional input ActQuant;
+  with `input_quantized_early` its producer applies that quantizer before a layout op (the
+  attention's head merge, Attention.project_heads; the stem's patchify), so engines fuse it
+  into the producing kernel and move int8 through the transpose.
 * `SymQuant`   per-tensor symmetric int8 activation quantizer (zero point 0).
 * `QKInt8Attention` explicit attention core for q and k quantized symmetric int8 (q at its
   projection, `QuantLinear.output_quant`; k at the core's input, `k_quant`), softmax and P.V in
