@@ -81,3 +81,36 @@ def test_a_stem_that_is_not_a_patchify_convolution_stays_float(traced_family):
         insert_quant_conv(types.SimpleNamespace(body=body))
     node, why = patch_conv_node(types.SimpleNamespace(body=None))
     assert node is None and "no traced graph" in why
+
+
+def test_string_padding_stem_is_quantized(traced_family, tmp_path):
+    """Hugging Face SigLIP's patch embedding is nn.Conv2d(padding="valid"), traced as
+    aten.conv2d.padding: a patchify all the same, quantized like the others."""
+    _, example, ir = traced_family("hf_siglip_vision")
+    assert any(n.target is torch.ops.aten.conv2d.padding for n in ir.stages[0].body.graph.nodes
+               if n.op == "call_function")
+    float_stem = ir.clone().stages[0]
+    with torch.no_grad():
+        reference = float_stem.body(example)
+        insert_quant_conv(float_stem)
+        assert torch.allclose(float_stem.body(example), reference, atol=1e-5, rtol=1e-5)
+    result = quantize(ir)
+    assert isinstance(quant_conv(result.ir.stages[0]).linear, QuantLinear)
+    assert result.records[-1].stats["stem"]["precision"] == "int8"
+    from pass_checks import check_engines_match
+    check_engines_match(result.ir, example, tmp_path, precision="int8")
+
+
+class _SamePaddingStem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, kernel_size=3, padding="same")
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def test_same_padding_stem_stays_float():
+    body = torch.export.export(_SamePaddingStem().eval(), (torch.randn(1, 3, 16, 16),)).module()
+    node, why = patch_conv_node(types.SimpleNamespace(body=body))
+    assert node is None and "pads" in why

@@ -31,6 +31,9 @@ from vitopt.ir.quant import ActQuant, QuantLinear
 
 SUBMODULE = "patch_conv_int8"
 _CONV = torch.ops.aten.conv2d.default
+# conv2d with a string padding ("valid" / "same"): nn.Conv2d(padding="valid"), as Hugging Face's
+# SigLIP patch embedding has.
+_CONV_STRING_PADDING = torch.ops.aten.conv2d.padding
 
 
 class QuantPatchConv(nn.Module):
@@ -85,12 +88,17 @@ def patch_conv_node(stem) -> tuple:
     body = getattr(stem, "body", None)
     if body is None or not hasattr(body, "graph"):
         return None, "the stem has no traced graph"
-    convs = [n for n in body.graph.nodes if n.op == "call_function" and n.target is _CONV]
+    convs = [n for n in body.graph.nodes if n.op == "call_function"
+             and n.target in (_CONV, _CONV_STRING_PADDING)]
     if len(convs) != 1:
         return None, f"the stem has {len(convs)} convolutions, not one patch convolution"
     node = convs[0]
     args = list(node.args) + [None] * (7 - len(node.args))
     _, weight, bias, stride, padding, dilation, groups = args
+    if node.target is _CONV_STRING_PADDING:
+        if padding not in (None, "valid"):  # "same" pads: not a patchify
+            return None, f"the stem convolution pads ({padding!r}), so it is not a patchify"
+        padding = 0
     if getattr(weight, "op", None) != "get_attr" or (bias is not None and bias.op != "get_attr"):
         return None, "the stem convolution's weight is computed, not a constant"
     kernel = tuple(_attr(body, weight.target).shape[-2:])
