@@ -33,7 +33,7 @@ the MatMul; bias and LayerNorm outside any Q/DQ). ViT-specific handling:
     merge (Attention.project_heads; exact: per-tensor quantization commutes with the transpose
     and reshape), and the stem's on the images before the patchify: engines fuse it into the
     attention kernel and transpose int8 values (DeiT-S/16 int8 + balanced, OpenVINO, batch 8:
-    about 2 % faster).
+    about 3 % faster in a same-process A/B).
   * Token merging's head-averaged keys (a merging block's small [D -> Dh] projection) become an
     int8 layer too (`Attention.merge_key_proj`), reading the qkv's u8 input: as a float GEMM
     beside an int8 qkv it kept OpenVINO from folding that quantizer into the LayerNorm (DeiT-S
