@@ -290,12 +290,14 @@ def time_engines(model_name, engines, kernels, static, references, batches, runs
     for backend_name, group in engines.items():
         for batch in batches:
             more, bar = time_group(model_name, backend_name, group, kernels, batch, runs, rounds, log)
-            rows, bars = rows + more, bars + bar
+            rows += more
+            bars += bar
     for batch in batches if static else ():
         group = {f"{name} (static)": static_openvino_engine(xml, batch) for name, xml in static.items()}
         group.update(references)
         more, bar = time_group(model_name, "openvino static", group, {}, batch, runs, rounds, log)
-        rows, bars = rows + more, bars + bar
+        rows += more
+        bars += bar
     return rows, bars
 
 
