@@ -3,8 +3,8 @@
 What: in each chosen block, a MergeTokens stage after the attention stage merges r patch tokens
 into their most similar ones: bipartite soft matching on the head-averaged keys (cosine), size-
 weighted averages, token sizes carried to later blocks, where attention adds log(size) to its
-logits (proportional attention; `proportional_attention=false` turns that off) and mean pooling
-weights tokens by size. Token counts are static per stage: a constant `r` in every block
+logits (proportional attention; `proportional_attention=false` turns that off), as does attention
+pooling (SigLIP's MAP head), and mean pooling weights tokens by size. Token counts are static per stage: a constant `r` in every block
 (ToMe), a per-block `schedule`, or a `flops` budget (fraction of the unreduced FLOPs) from which
 vitopt.schedule picks the smallest constant r that fits (clipped where a block has too few
 tokens), optionally capped by `max_rate` (r <= max_rate x patch tokens: a block that merges a
@@ -114,15 +114,17 @@ def merge_tokens(ir, config: MergeTokensConfig) -> PassResult:
     if refusal:
         return PassResult(ir, False, {}, [refusal + "; merging declined"])
     prefix = ir.num_prefix_tokens
-    for attention in ir.attention_stages():
-        attention.size_bias = config.proportional_attention
+    for attention in ir.attention_stages() + [ir.pool()]:
+        if hasattr(attention, "size_bias"):  # attention stages and attention pooling
+            attention.size_bias = config.proportional_attention
     for block, r in enumerate(rs):
         if r:
             attention = ir.attention_stages()[block]
             attention.record_keys = True
             source = attention.qkv if attention.qkv is not None else attention.k
             if isinstance(source, QuantLinear):  # merging after quantize_int8: int8 keys too
-                attention.merge_key_proj = int8_key_projection(attention, source.input_quant)
+                attention.merge_key_proj = int8_key_projection(attention, source.input_quant,
+                                                               source.weight_bits)
             insert_after_attention(ir, block, MergeTokens(
                 tokens_in=tokens_at_attention(ir, block), r=r, num_prefix_tokens=prefix,
                 embed_dim=attention.embed_dim, head_dim=attention.head_dim, block=block))

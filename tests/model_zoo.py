@@ -36,6 +36,15 @@ def timm_vit_mean_pool():
     return m.eval(), _images(3, 20)
 
 
+def timm_vit_map():
+    """SigLIP's layout in timm: no class token, attention pooling (MAP) with a latent query."""
+    import timm
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=20, patch_size=4,
+                          embed_dim=36, depth=2, num_heads=3, num_classes=5, class_token=False,
+                          global_pool="map")
+    return m.eval(), _images(3, 20)
+
+
 def timm_vit_registers():
     import timm
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=20, patch_size=4,
@@ -148,6 +157,25 @@ def user_vit():
     return UserViT().eval(), _images(3, 20)
 
 
+class FlatHeadViT(UserViT):
+    """A head that reads every token flattened: its traced graph bakes in the token count."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(36 * 26, 7)
+
+    def forward(self, img):
+        x = self.patchify(img).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).flatten(1))
+
+
+def flat_head_vit():
+    return FlatHeadViT().eval(), _images(3, 20)
+
+
 def resnet():
     from torchvision.models import resnet18
     return resnet18(num_classes=5).eval(), _images(2, 32)
@@ -157,6 +185,7 @@ FAMILIES = {
     "timm_vit": timm_vit,
     "timm_vit_mean_pool": timm_vit_mean_pool,
     "timm_vit_registers": timm_vit_registers,
+    "timm_vit_map": timm_vit_map,
     "timm_deit_distilled": timm_deit_distilled,
     "hf_vit": hf_vit,
     "hf_deit": hf_deit,

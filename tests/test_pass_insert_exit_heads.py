@@ -144,7 +144,7 @@ def test_mean_pooled_model_gets_mean_pooled_heads():
 
 
 def test_declines_where_exits_cannot_apply(traced_family):
-    _, _, siglip = traced_family("hf_siglip_vision")  # attention pooling: a traced tail
+    _, _, siglip = traced_family("hf_siglip_vision")  # features output, no classifier
     check_declines(siglip, "insert_exit_heads", "classifier", blocks=(0,))
     _, _, ir = deep_tiny()
     features = ir.clone()

@@ -68,4 +68,7 @@ def test_trim_declines_when_the_output_reads_every_token(traced_family):
     _, _, mean_pool = traced_family("timm_vit_mean_pool")
     check_declines(mean_pool, "trim_last_block", "more than the class token")
     _, _, siglip = traced_family("hf_siglip_vision")
-    check_declines(siglip, "trim_last_block", "traced tail")
+    check_declines(siglip, "trim_last_block", "pooling 'map'")
+    from model_zoo import flat_head_vit
+    from vitopt.frontend.trace import trace
+    check_declines(trace(*flat_head_vit()), "trim_last_block", "traced tail")

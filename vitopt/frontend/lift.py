@@ -16,6 +16,7 @@ from torch import fx, nn
 from vitopt.errors import NumericsError, UnsupportedModelError
 from vitopt.frontend.graph import GraphView, aten, effective_users, is_op, resolve, value_shape
 from vitopt.frontend.lift_blocks import Branch, lift_attention, lift_mlp
+from vitopt.frontend.lift_pool import NotAttentionPool, lift_attention_pool
 from vitopt.ir.encoder import EncoderIR, EncoderMeta
 from vitopt.ir.stages import Head, Norm, Pool, Stem, TracedTail, layer_norm_from, linear_from
 from vitopt.ir.state import TokenState
@@ -28,6 +29,8 @@ STAGE_TOLERANCE = tolerance("fp32", "torch").atol
 class Lifter:
     def __init__(self, view: GraphView):
         self.view = view
+        #: why the tail stayed a traced graph (None when it was typed)
+        self.tail_note: Optional[str] = None
 
     # --- the residual stream ------------------------------------------------------------
     def branch_from(self, stream: fx.Node) -> Optional[Tuple[fx.Node, fx.Node, fx.Node]]:
@@ -84,6 +87,8 @@ class Lifter:
         tail, tail_outputs = self.lift_tail(stream, stages[0].num_prefix_tokens)
         stages.extend(tail)
         streams.extend(tail_outputs)
+        if self.tail_note:
+            meta.notes.append(self.tail_note)
         return EncoderIR(stages, meta), streams
 
     # --- stem ---------------------------------------------------------------------------
@@ -123,7 +128,12 @@ class Lifter:
             return stages + [Pool("none"), Head()], outputs + [stream, stream]
         pooled, pool = self._pooling(stream, users, prefix)
         if pool is None:
-            return stages + [TracedTail(view.extract([stream], output))], outputs + [output]
+            try:
+                pooled, pool = lift_attention_pool(self, stream, STAGE_TOLERANCE)
+            except NotAttentionPool as why:
+                self.tail_note = (f"the layers after the last block are kept as a traced graph "
+                                  f"(not typed as attention pooling: {why})")
+                return stages + [TracedTail(view.extract([stream], output))], outputs + [output]
         return stages + [pool, self._head(pooled)], outputs + [pooled, output]
 
     def _token_norm(self, node: fx.Node) -> bool:

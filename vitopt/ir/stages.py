@@ -330,15 +330,18 @@ POOL_KINDS = ("cls", "mean", "none")
 class Pool(Stage):
     """Tokens [B, N, D] -> features [B, D] (class token, mean of patch tokens), or none.
 
-    `none` keeps the token sequence (a VLM's patch-token output).
+    `none` keeps the token sequence (a VLM's patch-token output). Attention pooling ("map")
+    is the subclass vitopt.ir.attention_pool.AttentionPool.
     """
 
     kind = "pool"
+    #: the pooling kinds this class implements (AttentionPool adds "map")
+    kinds = POOL_KINDS
 
     def __init__(self, kind: str, num_prefix_tokens: int = 0):
         super().__init__()
-        if kind not in POOL_KINDS:
-            raise ValueError(f"unknown pooling {kind!r}; expected one of {POOL_KINDS}")
+        if kind not in self.kinds:
+            raise ValueError(f"unknown pooling {kind!r}; expected one of {self.kinds}")
         self.pool = kind
         self.num_prefix_tokens = int(num_prefix_tokens)
 
