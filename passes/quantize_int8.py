@@ -46,6 +46,15 @@ layers in fp32 and `skip` names layers to keep in fp32 (e.g. `attn0.qkv,mlp5.fc2
 `max_accuracy_drop=P` (top-1 points, with labelled eval images in the PassContext, from
 `--eval`'s calib split so the held-out test split stays unseen) returns the lowest-SQNR layers
 to fp32 one at a time until the drop against fp32 is at most P.
+Overflow fix (`overflow_fix`, after NNCF's option of the same name): x86 CPUs without VNNI or
+AMX run int8 GEMMs with VPMADDUBSW, which adds u8 x s8 products in pairs into a saturating
+int16, so ONNX Runtime and OpenVINO then compute something other than the graph (seen on an
+AVX2 EPYC: engine vs reference cosine 0.97 on a tiny SigLIP, exact with the fix). `auto`
+(default) gives every int8 weight the 7-bit range [-63, 63] on such a CPU (`all`; `first_layer`
+alone, NNCF's default, still left SigLIP's inner layers saturating) and the full range where
+int8 products accumulate in int32 (VNNI, AMX, Arm dotprod, GPUs); `none`, `first_layer`, `all`
+force a choice. The fake-quant reference uses the same weights, so the check stays exact; the
+7-bit weights cost about 6 dB of weight SQNR (digits proxy: see Cost).
 Data: the calibration images of the run's PassContext (`--calib builtin:digits|DIR`); without
 any, random images with a warning. Bad calibration data is a ConfigError.
 Preconditions: Attention/Mlp stages with float Linear layers; declines when there are none or
@@ -81,6 +90,11 @@ from vitopt.ir.stages import Attention, Mlp, Stem
 from vitopt.pipeline import PassConfig, PassResult, register_pass
 
 METHODS = ("minmax", "percentile", "mse")
+#: Which weights get the 7-bit range (after NNCF's OverflowFix: none / first layer / all).
+OVERFLOW_FIX = ("auto", "none", "first_layer", "all")
+#: CPU flags of int8 dot-product instructions that accumulate u8 x s8 products in int32
+#: (x86 VNNI and AMX, Arm's SDOT/UDOT): with one, full 8-bit weights cannot saturate.
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 ATTENTION = ("float", "qk", "qkv")
 ATTENTION_NOTE = {"float": "matmuls float", "qk": "q.K^T int8 (symmetric), P.V float",
                   "qkv": "q, k, v u8"}
@@ -105,6 +119,7 @@ class QuantizeInt8Config(PassConfig):
     max_accuracy_drop: Optional[float] = None
     calib_limit: int = 128
     batch_size: int = 32
+    overflow_fix: str = "auto"
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -125,8 +140,40 @@ class QuantizeInt8Config(PassConfig):
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise ConfigError(f"quantize_int8: max_accuracy_drop {self.max_accuracy_drop} must be "
                               f">= 0 (top-1 points)")
+        if self.overflow_fix not in OVERFLOW_FIX:
+            raise ConfigError(f"quantize_int8: overflow_fix {self.overflow_fix!r} is unknown; use "
+                              f"one of {', '.join(OVERFLOW_FIX)}")
         if self.calib_limit < 2 or self.batch_size < 1:
             raise ConfigError("quantize_int8: calib_limit must be >= 2 and batch_size >= 1")
+
+
+# --- int8 GEMM saturation (overflow fix) ----------------------------------------------------
+def overflow_fix_for(choice: str, device: str = "cpu") -> Tuple[str, str]:
+    """(fix, why): which weights get the 7-bit range where the engines' int8 GEMMs would
+    saturate. x86 CPUs without VNNI or AMX multiply u8 x s8 with VPMADDUBSW, which adds each
+    pair of products into a saturating int16: 2 x 255 x 127 = 64770 > 32767. ONNX Runtime and
+    OpenVINO both do this on such CPUs (measured on a 2-core AVX2 EPYC: a Q/DQ MatMul with
+    u8 inputs near 255 and weights of 127 gave 14.6 where the exact product is 243.2), so the
+    engine no longer computes what the graph says. With 7-bit weights (|q| <= 63) a pair is at
+    most 2 x 255 x 63 = 32130 and cannot saturate. NNCF has the same fix (OverflowFix; its
+    default quantizes the first convolution's weights with half the range); images saturate
+    first, since neighbouring pixels are large together."""
+    if choice != "auto":
+        return choice, f"overflow_fix={choice}"
+    if device != "cpu":
+        return "none", f"{device} int8 GEMMs accumulate in int32"
+    from vitopt.artifact import hardware_info
+    info = hardware_info()
+    have = [f for f in INT8_DOT_FLAGS if f in info["flags"]]
+    if have:
+        return "none", f"this CPU has {have[0]}: int8 products accumulate in int32"
+    return "all", (f"this CPU ({info['cpu']}) has no VNNI, AMX or dot-product instructions, so "
+                   f"int8 GEMMs add u8 x s8 products in pairs into int16, which saturates")
+
+
+def weight_bits_for(fix: str) -> Tuple[int, int]:
+    """(bits of the block linears' weights, bits of the stem's) under overflow fix `fix`."""
+    return (7 if fix == "all" else 8), (7 if fix in ("all", "first_layer") else 8)
 
 
 # --- the linears to quantize ---------------------------------------------------------------
@@ -407,7 +454,7 @@ def _install_attention(stage, observers, cfg) -> dict:
             if getattr(stage.attn_quant, p) is not None}
 
 
-def _quantize_stem(ir, images, cfg, notes: List[str]) -> Optional[dict]:
+def _quantize_stem(ir, images, cfg, notes: List[str], bits: int = 8) -> Optional[dict]:
     """Swap the stem's patch convolution for a QuantPatchConv (int8 GEMM over the patches) with
     a min/max input range over the calibration images; None (and a note) where the stem has no
     single patchify convolution."""
@@ -429,7 +476,7 @@ def _quantize_stem(ir, images, cfg, notes: List[str]) -> Optional[dict]:
         quant = ActQuant(observer.lo, observer.hi, "minmax")
     except ValueError as exc:
         raise ConfigError(f"quantize_int8: stem: {exc}; use other calibration images") from exc
-    conv.quantize(quant)
+    conv.quantize(quant, bits)
     stem.precision = "int8"
     return quant.to_dict()
 
@@ -529,6 +576,8 @@ def quantize_int8(ir, cfg: QuantizeInt8Config, context) -> PassResult:
         images, source = context.calib, context.calib_source or "given images"
     images = check_calibration(images[:cfg.calib_limit], ir.meta.in_chans, (h, w), where=source)
 
+    fix, fix_why = overflow_fix_for(cfg.overflow_fix, getattr(context, "device", "cpu"))
+    block_bits, stem_bits = weight_bits_for(fix)
     alphas = smooth_layer_norms(ir, images, cfg.alpha, cfg.batch_size) if cfg.smooth else {}
     smoothed = sum(a is not None for a in alphas.values())
     observers = _calibrate(ir, images, targets, cfg)
@@ -544,13 +593,13 @@ def quantize_int8(ir, cfg: QuantizeInt8Config, context) -> PassResult:
         if isinstance(stage, Attention) and stage.record_keys and attr in KEY_SOURCES:
             # Token merging's averaged keys: an int8 GEMM on the same u8 input (from the
             # balanced float weights, before the source is quantized).
-            key_layers[id(stage)] = int8_key_projection(stage, quant)
-        _use_layer(stage, attr, QuantLinear(originals[name], quant), key_layers)
+            key_layers[id(stage)] = int8_key_projection(stage, quant, block_bits)
+        _use_layer(stage, attr, QuantLinear(originals[name], quant, block_bits), key_layers)
         ranges[name] = quant.to_dict()
     attention = {_stage_name(stage): _install_attention(stage, observers, cfg)
                  for stage in _quantized_attention(ir, cfg)}
 
-    stem_range = _quantize_stem(ir, images, cfg, notes) if cfg.quantize_stem else None
+    stem_range = _quantize_stem(ir, images, cfg, notes, stem_bits) if cfg.quantize_stem else None
     sqnr = _layer_sqnr(ir, images, originals, cfg)
     fallback = {n: "named in skip" for n in sorted(skip)}
     for name in sorted(sqnr, key=sqnr.get)[:cfg.keep_sensitive]:
@@ -577,9 +626,14 @@ def quantize_int8(ir, cfg: QuantizeInt8Config, context) -> PassResult:
                  f"attention {ATTENTION_NOTE[cfg.attention]}, stem "
                  f"convolution {'int8' if stem_range else 'float'}; calibrated "
                  f"on {images.shape[0]} images ({source})")
+    if fix != "none":
+        which = "every int8 weight" if fix == "all" else "the stem's int8 weights"
+        notes.append(f"overflow fix: {which} in the 7-bit range [-63, 63] ({fix_why})")
     if fallback:
         notes.append("kept in fp32: " + ", ".join(f"{n} ({why})" for n, why in fallback.items()))
-    stats = {"method": cfg.method, "calib_images": int(images.shape[0]), "calib_source": source,
+    stats = {"method": cfg.method, "overflow_fix": {"fix": fix, "why": fix_why,
+                                                   "weight_bits": block_bits,
+                                                   "stem_weight_bits": stem_bits}, "calib_images": int(images.shape[0]), "calib_source": source,
              "stem": {"range": stem_range, "precision": "int8"} if stem_range else
              {"precision": "fp32"},
              "smoothed_norms": smoothed, "alphas": alphas, "quantized": quantized, "fallback": fallback,

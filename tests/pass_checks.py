@@ -6,6 +6,14 @@ import torch
 from vitopt.pipeline import PassSpec, Pipeline, get_pass
 
 
+def openvino_fuses_attention() -> bool:
+    """Whether OpenVINO's CPU plugin runs attention as one fused kernel ("Subgraph") on this CPU.
+    Seen with OpenVINO 2026.4: yes with AVX-512 (AMD EPYC Zen 4); no on an AVX2-only EPYC,
+    where q.K^T, softmax and P.V run as separate MatMul / Softmax nodes (q.K^T still int8)."""
+    from vitopt.artifact import hardware_info
+    return "avx512f" in hardware_info()["flags"]
+
+
 def run_pass(ir, name: str, **options):
     return Pipeline([PassSpec(name, options)]).run(ir)
 

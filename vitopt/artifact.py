@@ -35,7 +35,8 @@ REQUIRED = ("format_version", "backend", "precision", "input", "output", "files"
 RECOMPILE = "recompile it with `vitopt compile`"
 # CPU flags that decide which kernels engines can use; the manifest records the ones present.
 CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-             "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "neon", "asimd")
+             "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "neon", "asimd",
+             "asimddp")
 
 
 # --- manifest pieces ---------------------------------------------------------------------

@@ -174,6 +174,7 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
     source = load_source(model, options, log)
     ir = lift_source(source, options, log)
     context = pass_context(specs, options, ir, log)
+    context.device = target.device
     result, exit_training = exit_steps.run_passes(specs, ir, options, context, log)
     ir = result.ir
     exits = bool(exit_stages(ir))

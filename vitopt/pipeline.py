@@ -55,6 +55,8 @@ class PassContext:
     #: labelled images for accuracy-driven decisions (quantize_int8's max_accuracy_drop).
     eval_images: Optional[torch.Tensor] = None
     eval_labels: Optional[torch.Tensor] = None
+    #: the device the engine runs on ("cpu" or "cuda"): quantize_int8's overflow fix depends on it
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,16 @@ from torch import nn
 
 _qd = torch.ops.quantized_decomposed
 WEIGHT_QMAX = 127  # symmetric int8 weights use [-127, 127] (no -128: VNNI-safe, symmetric)
+#: Weight ranges quantize_int8 writes: full 8-bit, or 7-bit ([-63, 63], still stored as int8)
+#: for CPUs whose int8 GEMMs saturate (see passes/quantize_int8.py, overflow_fix).
+WEIGHT_BITS = (8, 7)
+
+
+def weight_qmax(bits: int) -> int:
+    """The largest |q| of symmetric `bits`-bit weights: 127 for 8 bits, 63 for 7."""
+    if bits not in WEIGHT_BITS:
+        raise ValueError(f"weight bits {bits} is not one of {WEIGHT_BITS}")
+    return 2 ** (bits - 1) - 1
 
 
 def affine_params(lo: float, hi: float) -> tuple:
@@ -94,21 +104,25 @@ class ActQuant(nn.Module):
                 "method": self.method}
 
 
-def quantize_weight(weight: torch.Tensor) -> tuple:
-    """Per-output-channel symmetric int8: (q [out, in] int8, scale [out])."""
+def quantize_weight(weight: torch.Tensor, bits: int = 8) -> tuple:
+    """Per-output-channel symmetric int8 (values within `bits` bits): (q [out, in] int8,
+    scale [out])."""
+    qmax = weight_qmax(bits)
     absmax = weight.detach().abs().amax(dim=1).clamp_min(1e-12)
-    scale = (absmax / WEIGHT_QMAX).float()
-    q = torch.round(weight.detach() / scale[:, None]).clamp(-WEIGHT_QMAX, WEIGHT_QMAX)
+    scale = (absmax / qmax).float()
+    q = torch.round(weight.detach() / scale[:, None]).clamp(-qmax, qmax)
     return q.to(torch.int8), scale
 
 
 class QuantLinear(nn.Module):
-    """int8 per-channel weights, u8 per-tensor input, fp32 bias and accumulation output."""
+    """int8 per-channel weights (8-bit or 7-bit range), u8 per-tensor input, fp32 bias and
+    accumulation output."""
 
-    def __init__(self, linear: nn.Linear, input_quant: ActQuant):
+    def __init__(self, linear: nn.Linear, input_quant: ActQuant, weight_bits: int = 8):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scale = quantize_weight(linear.weight)
+        self.weight_bits = int(weight_bits)
+        q, scale = quantize_weight(linear.weight, self.weight_bits)
         self.register_buffer("weight_q", q.t().contiguous())  # [in, out]
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero", torch.zeros(self.out_features, dtype=torch.int64))
@@ -161,14 +175,16 @@ class QuantLinear(nn.Module):
         q = self.input_quant
         out = f", out i8 bound {self.output_quant.bound:.3g}" if self.output_quant is not None else ""
         where = " at the producer" if self.input_quantized_early else ""
-        return (f"{self.in_features}->{self.out_features}, w int8/ch, x u8 scale {q.scale:.3g} "
+        bits = "" if self.weight_bits == 8 else f" ({self.weight_bits}-bit range)"
+        return (f"{self.in_features}->{self.out_features}, w int8/ch{bits}, x u8 scale {q.scale:.3g} "
                 f"zp {q.zero_point} ({q.method}){where}{out}")
 
 
-def int8_key_projection(stage, input_quant: ActQuant) -> QuantLinear:
+def int8_key_projection(stage, input_quant: ActQuant, weight_bits: int = 8) -> QuantLinear:
     """The head-averaged key projection of a merging Attention `stage` as an int8 layer
     (`Attention.merge_key_proj`) reading the u8 input `input_quant` (the qkv's or k's), built
-    from the stage's current key weights (float, or dequantized when already int8).
+    from the stage's current key weights (float, or dequantized when already int8), with the
+    same weight range as the layer whose input it shares.
 
     Why its own layer: derived on the fly from an int8 qkv, the projection runs as a float GEMM
     whose input is also the qkv's; OpenVINO 2026.4 then cannot fold the u8 FakeQuantize into
@@ -188,7 +204,7 @@ def int8_key_projection(stage, input_quant: ActQuant) -> QuantLinear:
         linear.weight.copy_(weight)
         if bias is not None:
             linear.bias.copy_(bias)
-    return QuantLinear(linear, input_quant)
+    return QuantLinear(linear, input_quant, weight_bits)
 
 
 class QKInt8Attention(nn.Module):

@@ -66,8 +66,8 @@ class QuantPatchConv(nn.Module):
         x = x.reshape(b, c, h // kh, kh, w // kw, kw).permute(0, 2, 4, 1, 3, 5)
         return x.reshape(b, (h // kh) * (w // kw), c * kh * kw)
 
-    def quantize(self, input_quant: ActQuant) -> None:
-        self.linear = QuantLinear(self.linear, input_quant)
+    def quantize(self, input_quant: ActQuant, weight_bits: int = 8) -> None:
+        self.linear = QuantLinear(self.linear, input_quant, weight_bits)
         self.linear.input_quantized_early = True  # on the images, before the patchify
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
