@@ -97,3 +97,15 @@ def test_bad_overflow_fix_is_a_clear_error():
     assert weight_qmax(7) == 63 and weight_qmax(8) == 127
     with pytest.raises(ValueError, match="weight bits 6"):
         weight_qmax(6)
+
+
+def test_full_range_int8_artifacts_require_int8_dot_products(monkeypatch):
+    """An artifact whose int8 weights use the full range computes its graph only where int8
+    products accumulate in int32: its manifest names the flag, and loading refuses elsewhere
+    (vitopt.runtime: 'lacks avx512_vnni ... Recompile on this machine')."""
+    from vitopt.compiler import _hardware_requiring, full_range_int8
+    assert full_range_int8({"quantization": {"overflow_fix": {"fix": "none"}}})
+    assert not full_range_int8({"quantization": {"overflow_fix": {"fix": "all"}}})
+    assert not full_range_int8({"precision": "fp32"})
+    _with_flags(monkeypatch, ["avx2", "avx512_vnni"])
+    assert _hardware_requiring(q8.INT8_DOT_FLAGS)["requires"] == ["avx512_vnni"]

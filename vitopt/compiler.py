@@ -263,6 +263,10 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
             artifact_files[exit_steps.HEADS_FILE] = exit_steps.heads_file(ir)
         if precision == "bf16":
             manifest["hardware"] = _hardware_requiring(("avx512_bf16", "amx_bf16"))
+        elif int8 is not None and target.device == "cpu" and full_range_int8(manifest):
+            # full 8-bit weights saturate int8 GEMMs on CPUs without int8 dot products
+            from vitopt.passes.quantize_int8 import INT8_DOT_FLAGS
+            manifest["hardware"] = _hardware_requiring(INT8_DOT_FLAGS)
         engine = None  # release the engine's files before the artifact moves them
         write_artifact(output, manifest, artifact_files)
     report.manifest = manifest
@@ -578,6 +582,12 @@ def stage_rows(ir: EncoderIR, precision: str) -> List[dict]:
 
 def _options_dict(options: CompileOptions) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(options).items()}
+
+
+def full_range_int8(manifest: dict) -> bool:
+    """Whether the artifact's int8 weights use the full 8-bit range (quantize_int8 overflow fix
+    "none"): such an engine computes the graph only on CPUs with int8 dot products."""
+    return ((manifest.get("quantization") or {}).get("overflow_fix") or {}).get("fix") == "none"
 
 
 def _hardware_requiring(flags) -> dict:
