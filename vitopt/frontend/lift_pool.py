@@ -2,14 +2,14 @@
 
 Found by dataflow, like the blocks: one attention op after the last block whose query side
 comes from a stored parameter (the latent queries) through one linear, whose key/value side
-comes from the tokens through a fused kv linear (or separate k and v), an output projection,
-a pre-norm residual MLP on the pooled rows, and a select of latent 0 (or a mean over the
+comes from the tokens through one fused kv linear (SigLIP's form in Hugging Face and timm), an
+output projection, a pre-norm residual MLP on the pooled rows, and a select of latent 0 (or a mean over the
 latents). The stage is then run against the traced graph's own values; anything that does not
 read back exactly stays a traced tail, with the reason in the IR's notes.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 from torch import fx
@@ -46,9 +46,10 @@ def lift_attention_pool(lifter, stream: fx.Node, tolerance: float) -> Tuple[fx.N
     linears = sorted((n for n in before if is_op(n, aten.linear.default)), key=view.order.get)
     q_nodes = [n for n in linears if n not in region]
     kv_nodes = [n for n in linears if n in region]
-    if len(q_nodes) != 1 or len(kv_nodes) not in (1, 2):
-        raise NotAttentionPool(f"expected one query projection from stored latents and a kv "
-                               f"projection of the tokens, found {len(q_nodes)} and {len(kv_nodes)}")
+    if len(q_nodes) != 1 or len(kv_nodes) != 1:
+        raise NotAttentionPool(f"expected one query projection from stored latents and one fused "
+                               f"kv projection of the tokens, found {len(q_nodes)} and "
+                               f"{len(kv_nodes)}")
     q_node = q_nodes[0]
     latent_node = _latent(view, q_node)
     after = view.descendants(core)
@@ -64,7 +65,7 @@ def lift_attention_pool(lifter, stream: fx.Node, tolerance: float) -> Tuple[fx.N
     except UnsupportedModelError as exc:
         raise NotAttentionPool(f"the pooled rows' MLP: {exc}") from exc
     pooled, reduce = _latent_reduction(add)
-    head_dim, scale, k_side = _attention_shape(view, core, q_node)
+    head_dim, scale = _attention_shape(view, core, q_node)
 
     weights = [n for node in [q_node, proj_node] + kv_nodes for n in node.args[1:3]
                if isinstance(n, fx.Node)]
@@ -77,7 +78,7 @@ def lift_attention_pool(lifter, stream: fx.Node, tolerance: float) -> Tuple[fx.N
         return linear_from(values[node.args[1]], values[bias] if bias is not None else None)
 
     q, proj = linear(q_node), linear(proj_node)
-    kv = linear(kv_nodes[0]) if len(kv_nodes) == 1 else _fuse_kv(view, kv_nodes, k_side, linear)
+    kv = linear(kv_nodes[0])
     dim = proj.out_features
     latent = values[latent_node].reshape(-1, dim) if values[latent_node].numel() % dim == 0 else None
     if latent is None or dim % head_dim:
@@ -124,15 +125,15 @@ def _latent_reduction(add: fx.Node) -> Tuple[fx.Node, str]:
     raise NotAttentionPool("the pooled rows are not reduced by taking latent 0 or their mean")
 
 
-def _attention_shape(view, core: fx.Node, q_node: fx.Node) -> Tuple[int, float, fx.Node]:
-    """(head dim, logit scale, the node feeding the keys) of the pooling attention."""
+def _attention_shape(view, core: fx.Node, q_node: fx.Node) -> Tuple[int, float]:
+    """(head dim, logit scale) of the pooling attention."""
     if is_op(core, *SDPA):
         if core.kwargs.get("is_causal") or core.kwargs.get("attn_mask") is not None or \
                 any(isinstance(a, fx.Node) for a in core.args[3:4]):
             raise NotAttentionPool("the pooling attention has a mask or is causal")
         head_dim = value_shape(core.args[0])[-1]
         scale = core.kwargs.get("scale") or head_dim ** -0.5
-        return head_dim, float(scale), core.args[1]
+        return head_dim, float(scale)
     before = view.ancestors(core)
     scores = max((n for n in before if is_op(n, *MATMULS)), key=view.order.get, default=None)
     if scores is None:
@@ -148,21 +149,7 @@ def _attention_shape(view, core: fx.Node, q_node: fx.Node) -> Tuple[int, float, 
         if value is None:
             raise NotAttentionPool(f"attention logits scaled by a tensor ({node.name})")
         scale *= value if is_op(node, aten.mul.Tensor) else 1.0 / value
-    return head_dim, scale, scores.args[1]
-
-
-def _fuse_kv(view, kv_nodes: List[fx.Node], k_side: fx.Node, linear):
-    """Separate k and v projections as one [k; v] linear."""
-    k_nodes = [n for n in kv_nodes if n in view.ancestors(k_side) | {k_side}]
-    if len(k_nodes) != 1:
-        raise NotAttentionPool("cannot tell which projection feeds the pooling keys")
-    k = linear(k_nodes[0])
-    v = linear(next(n for n in kv_nodes if n is not k_nodes[0]))
-    if (k.bias is None) != (v.bias is None):
-        raise NotAttentionPool("the key and value projections differ in having a bias")
-    bias = torch.cat([k.bias, v.bias]) if k.bias is not None else None
-    return linear_from(torch.cat([k.weight, v.weight]).detach(),
-                       bias.detach() if bias is not None else None)
+    return head_dim, scale
 
 
 def _check_reads_back(stage: AttentionPool, tokens: torch.Tensor, expected: torch.Tensor,
