@@ -221,6 +221,42 @@ def test_tuning_database_is_reused(ir, tmp_path):
     assert second["reused_tasks"] == len(tasks)
 
 
+def test_search_population_follows_the_trial_budget():
+    assert tvm_tuning.population_size(1) == 64
+    assert tvm_tuning.population_size(8) == 128
+    assert tvm_tuning.population_size(32) == tvm_tuning.population_size(500) == 512
+
+
+def _add_one_module(gpu_only=False):
+    """b = a + 1; with gpu_only, b = a GPU warp intrinsic, which an llvm build rejects."""
+    from tvm import te
+
+    a = te.placeholder((8,), "float32", name="a")
+    if gpu_only:
+        b = te.compute((8,), lambda i: tvm.tirx.call_intrin("float32", "tirx.tvm_warp_activemask"))
+    else:
+        b = te.compute((8,), lambda i: a[i] + 1.0, name="b")
+    return tvm.IRModule({"main": te.create_prim_func([a, b])})
+
+
+def test_reused_worker_builder_builds_batches_and_reports_failures():
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+    from tvm.target import Target
+
+    from vitopt.backends.tvm_builder import reused_worker_builder
+
+    builder = reused_worker_builder(1, 120, tvm_tuning.load_tensor_intrinsics)
+    try:
+        target = Target(tvm_targets.llvm_target())
+        for _ in range(2):  # two batches through the same pool
+            good, = builder.build([BuilderInput(_add_one_module(), target)])
+            assert good.error_msg is None and good.artifact_path.endswith(".tar")
+        bad, = builder.build([BuilderInput(_add_one_module(gpu_only=True), target)])
+        assert bad.artifact_path is None and "the build raised" in bad.error_msg
+    finally:
+        builder.shutdown()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason=NO_GPU)
 def test_cuda_fp16_on_gpu_matches_ir(ir, tmp_path):

@@ -248,11 +248,13 @@ def test_segments_on_aotinductor_compile_load_and_match(tmp_path):
     model, images, _ = deep_tiny()
     folder = _image_folder(tmp_path / "data", classes=7, per_class=5)
     report = vitopt.compile(model, tmp_path / "m.vitopt", backend="aotinductor", precision="fp32",
-                            passes=("merge_tokens:r=2", "insert_exit_heads:blocks=1,2"),
+                            passes=("merge_tokens:r=2", "insert_exit_heads:blocks=1"),
                             train=str(folder), exit_epochs=1, max_batch=8, measure=False,
                             image_size=20)
+    # Two segments (each AOTInductor build is ~25 s of C++ here); a middle segment, tokens in
+    # and out, is the same build path and runs on ONNX Runtime and OpenVINO above.
     segments = report.manifest["exits"]["segments"]
-    assert [s["files"][0] for s in segments] == [f"segment{k}.model.pt2" for k in range(3)]
+    assert [s["files"][0] for s in segments] == [f"segment{k}.model.pt2" for k in range(2)]
     assert segments[1]["inputs"] == ["tokens_in", "size_in"]
     runtime = vitopt.load(tmp_path / "m.vitopt")
     ir = report.pipeline.ir
