@@ -183,3 +183,32 @@ def test_this_gpu_matches_a_profile_and_cuda_builds_here():
     assert name is not None, skipped
     text = targets.format_targets()
     assert gpu.name in text and f"yes, with {name}" in text
+
+
+def test_cpu_int8_tries_onnxruntime_first_without_int8_dot_products(monkeypatch):
+    """OpenVINO's int8 linears run oneDNN's generic jit_gemm_I8 on x86 CPUs without VNNI/AMX
+    (no faster than fp32); ONNX Runtime's MLAS kernels are faster there (SLOW_OPENVINO_INT8)."""
+    fake_registry(monkeypatch, {"openvino": FakeBackend("openvino", True),
+                                "onnxruntime": FakeBackend("onnxruntime", True)})
+    cpu = TARGETS["cpu"]
+    monkeypatch.setattr(targets, "x86_without_int8_dot", lambda: True)
+    said = []
+    assert targets.choose_backend(cpu, None, log=said.append, precision="int8") == "onnxruntime"
+    assert "(the first choice); for int8, openvino second: " in said[0]
+    assert "jit_gemm_I8" in said[0]
+    for other in ("fp32", "bf16", "auto", None):
+        assert targets.choose_backend(cpu, None, precision=other) == "openvino"
+    assert targets.choose_backend(cpu, "openvino", precision="int8") == "openvino"  # asked for
+    fake_registry(monkeypatch, {"openvino": FakeBackend("openvino", True),
+                                "onnxruntime": FakeBackend("onnxruntime", False, "no module")})
+    assert targets.backend_decision(cpu, "int8") == ("openvino", ["onnxruntime: no module"])
+    monkeypatch.setattr(targets, "x86_without_int8_dot", lambda: False)  # VNNI, AMX, or not x86
+    assert targets.backend_order(cpu, "int8") == (cpu.backends, None)
+
+
+def test_int8_dot_product_check_reads_the_cpu_flags(monkeypatch):
+    import vitopt.artifact
+    for flags, slow in ((["avx2"], True), (["avx2", "avx512f", "avx512_vnni"], False),
+                        (["avx2", "avx_vnni"], False), (["asimddp"], False), ([], False)):
+        monkeypatch.setattr(vitopt.artifact, "hardware_info", lambda f=flags: {"flags": f})
+        assert targets.x86_without_int8_dot() is slow, flags

@@ -166,7 +166,7 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
     specs = exit_steps.plan_exits(specs, options.train, options.exit_rule)
     target = get_target(options.target)
     require_device(target, options.backend)
-    backend_name = choose_backend(target, options.backend, log=log)
+    backend_name = choose_backend(target, options.backend, log=log, precision=requested)
     precision = choose_precision(backend_name, requested, target.device, target=target)
     tvm_options = tvm_build_options(backend_name, options, target, log)
     log(f"target {target.name}: backend {backend_name}, precision {precision}")

@@ -179,29 +179,66 @@ def require_device(target: Target, backend: Optional[str] = None) -> None:
             f"--target {mine.name if mine else 'cuda'} for this GPU. {cross_compile_hint(target)}")
 
 
+#: Why int8 for a CPU without int8 dot products tries ONNX Runtime before OpenVINO. Measured
+#: with PERF_COUNT and the suite (benchmarks/results/cpu-amd-epyc-avx2-2c/suite-deit-s-avx2,
+#: DeiT-S/16, 2-core AVX2 EPYC, OpenVINO 2026.4, ONNX Runtime 1.32).
+SLOW_OPENVINO_INT8 = ("openvino second: on a CPU without VNNI or AMX its int8 linears run "
+                      "oneDNN's generic jit_gemm_I8, no faster than its fp32 ones, while ONNX "
+                      "Runtime's MLAS u8s8 kernels ran DeiT-S/16 int8 1.8x faster than OpenVINO "
+                      "int8 on a 2-core AVX2 EPYC")
+
+
+def x86_without_int8_dot() -> bool:
+    """An x86 CPU without VNNI/AMX (int8 GEMMs on it use VPMADDUBSW: slow, and saturating)."""
+    from vitopt.artifact import hardware_info
+    from vitopt.passes.quantize_int8 import INT8_DOT_FLAGS
+    flags = hardware_info()["flags"]
+    return "avx2" in flags and not any(f in flags for f in INT8_DOT_FLAGS)
+
+
+def backend_order(target: Target, precision: Optional[str] = None) -> Tuple[Tuple[str, ...],
+                                                                           Optional[str]]:
+    """(the target's backends in the order to try for `precision`, why it differs from the
+    target's own order or None). int8 on an x86 CPU without int8 dot products puts ONNX
+    Runtime first (SLOW_OPENVINO_INT8)."""
+    order = target.backends
+    if (target.device == "cpu" and precision == "int8" and "onnxruntime" in order
+            and "openvino" in order and order.index("openvino") < order.index("onnxruntime")
+            and x86_without_int8_dot()):
+        rest = tuple(b for b in order if b != "onnxruntime")
+        return ("onnxruntime",) + rest, SLOW_OPENVINO_INT8
+    return order, None
+
+
 def choose_backend(target: Target, backend: Optional[str],
-                   log: Optional[Callable[[str], None]] = None) -> str:
-    """The backend to build with: the one asked for, else the first available for the target.
-    `log` (when given) hears which one was taken and why the ones before it were skipped."""
+                   log: Optional[Callable[[str], None]] = None,
+                   precision: Optional[str] = None) -> str:
+    """The backend to build with: the one asked for, else the first available for the target
+    (in backend_order for `precision`). `log` (when given) hears which one was taken and why
+    the ones before it were skipped."""
     from vitopt.backends import get_backend
     if backend is not None:
         get_backend(backend).require()
         return backend
-    name, skipped = backend_decision(target)
+    name, skipped = backend_decision(target, precision)
     if name is None:
         raise BackendUnavailableError(f"no backend for target {target.name!r} works here: "
                                       + "; ".join(skipped))
     if log is not None:
         why = f" (skipped {'; '.join(skipped)})" if skipped else " (the first choice)"
-        log(f"target {target.name}: using {name}{why}")
+        reordered = backend_order(target, precision)[1]
+        log(f"target {target.name}: using {name}{why}"
+            + (f"; for {precision}, {reordered}" if reordered else ""))
     return name
 
 
-def backend_decision(target: Target) -> Tuple[Optional[str], List[str]]:
-    """(the first available backend of `target` or None, why each one before it was skipped)."""
+def backend_decision(target: Target, precision: Optional[str] = None
+                     ) -> Tuple[Optional[str], List[str]]:
+    """(the first available backend of `target` for `precision` (backend_order) or None, why
+    each one before it was skipped)."""
     from vitopt.backends import BACKENDS, get_backend
     reasons = []
-    for name in target.backends:
+    for name in backend_order(target, precision)[0]:
         if name not in BACKENDS:
             reasons.append(f"{name}: not part of this vitopt build yet")
             continue

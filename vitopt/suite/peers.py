@@ -14,7 +14,9 @@ recommends. Every builder gets the same eager model and returns a `Built` cell.
                         quant_pre_process (shape inference + optimisation), then
                         quantize_static(QDQ, per_channel=True, activations QUInt8, weights QInt8,
                         MinMax calibration through a CalibrationDataReader over the calibration
-                        images), run as ort-fp32
+                        images), run as ort-fp32; reduce_range=True (7-bit weights) on x86
+                        CPUs without VNNI/AMX, as ORT's docs say for U8S8 on such machines
+                        (their int8 GEMMs saturate int16 pairs otherwise)
   ov-fp32, ov-bf16      ov.convert_model(model, example_input, dynamic batch) compiled for CPU with
                         INFERENCE_PRECISION_HINT f32/bf16, PERFORMANCE_HINT LATENCY,
                         INFERENCE_NUM_THREADS = threads
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 
 from vitopt.errors import BackendUnavailableError, ConfigError
+from vitopt.targets import x86_without_int8_dot
 
 
 @dataclass
@@ -214,13 +217,16 @@ def ort_int8(ctx: PeerContext) -> Built:
             return next(self.items, None)
 
     quantized = ctx.tmp / "ort_int8.onnx"
+    reduce_range = x86_without_int8_dot()
     quantize_static(str(prepared), str(quantized), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+                    per_channel=True, reduce_range=reduce_range,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
     run = _ort_session(quantized, ctx.threads)
     return Built(run, _numpy_input, "onnxruntime", "int8",
                  f"quant_pre_process + quantize_static(QDQ, per-channel, U8 activations, S8 "
-                 f"weights, MinMax, {calib.shape[0]} calibration images)", ort.__version__,
+                 f"weights{', reduce_range (no VNNI/AMX)' if reduce_range else ''}, MinMax, "
+                 f"{calib.shape[0]} calibration images)", ort.__version__,
                  artifact_bytes=_file_bytes(quantized), compile_s=time.perf_counter() - started)
 
 
