@@ -62,7 +62,8 @@ _JETSON = {"jetson": True, "tensorrt_major": 10}  # JetPack 6 ships TensorRT 10
 
 TARGETS: Dict[str, Target] = {
     "cpu": Target("cpu", "cpu", ("openvino", "onnxruntime"),
-                  description="this machine's CPU: OpenVINO (bf16 where the CPU has it), else ONNX Runtime"),
+                  description="this machine's CPU: OpenVINO (bf16 where the CPU has it), else ONNX "
+                              "Runtime; int8 on an x86 CPU without VNNI/AMX: ONNX Runtime first"),
     "cuda": Target("cuda", "cuda", GPU_BACKENDS,
                    description="this machine's NVIDIA GPU (its own architecture)",
                    tuning={"tvm_trials": 1000, "inductor_mode": "default", "trt_opt_level": 3}),
