@@ -150,6 +150,14 @@ class QuantizeInt8Config(PassConfig):
 
 
 # --- int8 GEMM saturation (overflow fix) ----------------------------------------------------
+def int8_dot_flags() -> List[str]:
+    """The INT8_DOT_FLAGS this CPU has, in INT8_DOT_FLAGS order (empty: int8 GEMMs add u8 x s8
+    products in saturating int16 pairs on x86, see overflow_fix_for)."""
+    from vitopt.artifact import hardware_info
+    flags = hardware_info()["flags"]
+    return [f for f in INT8_DOT_FLAGS if f in flags]
+
+
 def overflow_fix_for(choice: str, device: str = "cpu") -> Tuple[str, str]:
     """(fix, why): which weights get the 7-bit range where the engines' int8 GEMMs would
     saturate. x86 CPUs without VNNI or AMX multiply u8 x s8 with VPMADDUBSW, which adds each
@@ -166,7 +174,7 @@ def overflow_fix_for(choice: str, device: str = "cpu") -> Tuple[str, str]:
         return "none", f"{device} int8 GEMMs accumulate in int32"
     from vitopt.artifact import hardware_info
     info = hardware_info()
-    have = [f for f in INT8_DOT_FLAGS if f in info["flags"]]
+    have = int8_dot_flags()
     if have:
         return "none", f"this CPU has {have[0]}: int8 products accumulate in int32"
     return "all", (f"this CPU ({info['cpu']}) has no VNNI, AMX or dot-product instructions, so "

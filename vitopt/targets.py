@@ -192,9 +192,8 @@ SLOW_OPENVINO_INT8 = ("openvino second: on a CPU without VNNI or AMX its int8 li
 def x86_without_int8_dot() -> bool:
     """An x86 CPU without VNNI/AMX (int8 GEMMs on it use VPMADDUBSW: slow, and saturating)."""
     from vitopt.artifact import hardware_info
-    from vitopt.passes.quantize_int8 import INT8_DOT_FLAGS
-    flags = hardware_info()["flags"]
-    return "avx2" in flags and not any(f in flags for f in INT8_DOT_FLAGS)
+    from vitopt.passes.quantize_int8 import int8_dot_flags
+    return "avx2" in hardware_info()["flags"] and not int8_dot_flags()
 
 
 def backend_order(target: Target, precision: Optional[str] = None) -> Tuple[Tuple[str, ...],

@@ -148,9 +148,8 @@ def _run_tuning(tasks, target: Dict[str, object], trials: int, per_task: int, da
         # A builder worker's first build imports tvm.s_tir.tensor_intrin (TVMScript-parses every
         # tensor intrinsic: tens of seconds on a busy machine). Under the default 30 s timeout
         # the worker is killed mid-import and every build "times out"; so import it when the
-        # worker starts, and give builds and runs more time.
-        # Builder workers live across batches (tvm_builder: LocalBuilder restarts its pool,
-        # and so re-parses the intrinsics, for every batch).
+        # worker starts, give builds and runs more time, and keep the workers for the whole
+        # run (tvm_builder; LocalBuilder would start them again for every batch).
         builder = reused_worker_builder(workers, BUILD_TIMEOUT_S, load_tensor_intrinsics)
         runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
         try:
