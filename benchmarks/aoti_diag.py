@@ -63,7 +63,13 @@ FRESH_LOADERS = ("package", "single-threaded", "device-index", "loader-class", "
 ALL_OPTIONS_NEEDED = ("embed-kernels",)
 #: Builds with the default options: a fresh-process load of any of them says the same thing.
 DEFAULT_OPTIONS = ("default", "no-pool", "shutdown-workers")
-LOAD_TIMEOUT_S = 12.0  # import torch, CUDA init, open, run (a guess for the H100 machine)
+LOAD_TIMEOUT_S = 30.0  # import torch, CUDA init, open, run (run 3: 12 s was not enough)
+#: The debugger-wrapped load (--gdb): the load stops itself with SIGTRAP after this many seconds,
+#: so a hang also gives native stacks; the debugger process gets DEBUG_EXTRA_S more.
+DEBUG_TRAP_S, DEBUG_EXTRA_S = 40.0, 20.0
+DEBUG_COMMANDS = ("set pagination off", "set confirm off", "set print thread-events off",
+                  "handle SIGPIPE nostop noprint pass", "run", "bt 40", "info threads",
+                  "thread apply all bt 15", "kill", "quit")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -83,6 +89,12 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--builds", default=",".join(BUILDS), help="comma list of BUILDS")
     parser.add_argument("--loads", default=",".join(FRESH_LOADERS),
                         help="fresh-process loaders tried on the default build")
+    parser.add_argument("--load-timeout-s", type=float, default=LOAD_TIMEOUT_S,
+                        help="each fresh-process load")
+    parser.add_argument("--gdb", action="store_true",
+                        help="also load the default build under cuda-gdb (or gdb) and keep the "
+                             "native backtrace of a crash, or of every thread after "
+                             f"{DEBUG_TRAP_S:.0f} s")
     parser.add_argument("--build", help=argparse.SUPPRESS)
     parser.add_argument("--load", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
@@ -177,7 +189,7 @@ def parent(args) -> int:
     work = Path(tempfile.mkdtemp(prefix="aoti-diag-"))
     script = str(Path(__file__).resolve())
     python = [sys.executable, "-X", "faulthandler", script]
-    build_timeout = max(5.0, args.budget_s - LOAD_TIMEOUT_S - 1)
+    build_timeout = max(5.0, args.budget_s - args.load_timeout_s - 1)
     procs: List[Proc] = []
     waiting: Dict[str, Path] = {}  # build name -> its folder, until its built.json appears
     for name in args.builds:
@@ -205,10 +217,13 @@ def parent(args) -> int:
                 print(f"  build {name}: package written after {now - started:.0f}s; "
                       f"starting loads {', '.join(loaders)}", flush=True)
                 for loader in loaders:
-                    timeout = min(LOAD_TIMEOUT_S, max(1.0, end - now))
+                    timeout = min(args.load_timeout_s, max(1.0, end - now))
                     procs.append(Proc("load", f"{name}/{loader}", python + [
                         "--load", loader, "--dir", str(folder), "--device", args.device],
                         logs / f"load-{name}-{loader}.log", timeout))
+                if name == "default" and args.gdb:
+                    procs.append(debugger_load(python, folder, args.device, logs))
+                    end = max(end, now + DEBUG_TRAP_S + DEBUG_EXTRA_S)
         done = [p.poll(now) for p in procs]
         if all(done) and not any((waiting[n] / "built.json").is_file() for n in waiting):
             break
@@ -238,7 +253,7 @@ def _read(path: Path) -> Optional[dict]:
 
 
 def collect(args, procs: List[Proc], work: Path) -> dict:
-    builds, loads = {}, {}
+    builds, loads, debug = {}, {}, None
     for p in procs:
         if p.kind == "build":
             folder = work / p.name
@@ -252,6 +267,8 @@ def collect(args, procs: List[Proc], work: Path) -> dict:
                     "error": p.outcome().get("error") or "no result",
                     "crashed_in": p.outcome().get("last_step")}
             builds[p.name] = entry
+        elif p.kind == "debug":
+            debug = debugger_report(p)
         else:
             build, loader = p.name.split("/")
             result = _read(work / build / f"load-{loader}.json")
@@ -262,7 +279,54 @@ def collect(args, procs: List[Proc], work: Path) -> dict:
     env = next((b.get("env") for b in builds.values() if b.get("env")), None)
     report = {"device": args.device, "env": env, "builds": builds, "loads": loads,
               "ldd": ldd_report(work / "default" / "model.pt2")}
+    if debug is not None:
+        report["debugger"] = debug
     report["recommended"] = recommend(builds, loads)
+    return report
+
+
+def debugger() -> Optional[str]:
+    """cuda-gdb (on PATH or in /usr/local/cuda/bin), else gdb, else None."""
+    for name in ("cuda-gdb", "/usr/local/cuda/bin/cuda-gdb", "gdb"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def debugger_load(python: List[str], folder: Path, device: str, logs: Path) -> Proc:
+    """The "package" load of the default build under a debugger: where a segfault happens in
+    C++ (run 3's crash) faulthandler shows only the Python frame; this keeps the native one.
+    The load sends itself SIGTRAP after DEBUG_TRAP_S, so a hang also stops with stacks."""
+    tool = debugger()
+    command = python + ["--load", "package", "--dir", str(folder), "--device", device]
+    if tool is None:
+        command = [sys.executable, "-c", "print('no cuda-gdb or gdb on this machine')"]
+    else:
+        command = [tool, "-q", "-batch", "-nx"] + \
+            [arg for line in DEBUG_COMMANDS for arg in ("-ex", line)] + ["--args"] + command
+    env = dict(os.environ, AOTI_DIAG_TRAP_AFTER=str(DEBUG_TRAP_S))
+    env.pop("AOTI_DIAG_TEST_CRASH", None)
+    if os.environ.get("AOTI_DIAG_TEST_DEBUG_CRASH"):  # tests: a segfault under the debugger
+        env["AOTI_DIAG_TEST_CRASH"] = os.environ["AOTI_DIAG_TEST_DEBUG_CRASH"]
+    return Proc("debug", "default/package-under-debugger", command,
+                logs / "load-default-debugger.log", DEBUG_TRAP_S + DEBUG_EXTRA_S, env)
+
+
+def debugger_report(proc: Proc) -> dict:
+    """The debugger's tool, the signal the load stopped on and the native frames after it."""
+    text = proc.log.read_text(encoding="utf-8", errors="replace") if proc.log.is_file() else ""
+    lines = text.splitlines()
+    report = {"process": proc.outcome(), "tool": next(
+        (line for line in lines[:1] if "no cuda-gdb" in line), None) or debugger()}
+    stops = [i for i, line in enumerate(lines) if "received signal" in line]
+    if stops:
+        report["signal"] = lines[stops[0]].strip()
+        report["frames"] = [line.rstrip() for line in lines[stops[0] + 1:]
+                            if line.startswith(("#", "Thread ", "* ", "  "))][:160]
+    else:
+        report["signal"] = None
+        report["tail"] = [line.rstrip() for line in lines[-30:]]
     return report
 
 
@@ -354,6 +418,11 @@ def summary(report: dict) -> str:
     if ldd.get("ran"):
         lines.append(f"  ldd -r {ldd['so']}: {ldd['problem_count']} problem(s)"
                      + "".join(f"\n    {p}" for p in ldd["problems"][:5]))
+    debug = report.get("debugger")
+    if debug is not None:
+        lines.append(f"  under {debug.get('tool')}: " + (debug.get("signal") or "no signal; "
+                     + "; ".join(debug.get("tail", [])[-3:])))
+        lines += [f"    {frame}" for frame in debug.get("frames", [])[:25]]
     lines.append("  recommended: " + json.dumps({k: v for k, v in report["recommended"].items()
                                                   if k != "summary"}))
     lines.append("  " + report["recommended"]["summary"])
@@ -474,7 +543,15 @@ def build_child(args) -> int:
 
 def load_child(args) -> int:
     folder = Path(args.dir)
+    trap_after = os.environ.get("AOTI_DIAG_TRAP_AFTER")
+    watchdog = None
+    if trap_after:  # under the debugger: stop with SIGTRAP if still running (a hang)
+        watchdog = subprocess.Popen(
+            ["sh", "-c", f"sleep {float(trap_after):.0f}; kill -TRAP {os.getpid()}"],
+            start_new_session=True)
     result = open_and_check(folder, args.load, args.device)
+    if watchdog is not None:
+        watchdog.kill()
     (folder / f"load-{args.load}.json").write_text(json.dumps(result), encoding="utf-8")
     return 0 if result["ok"] else 1
 

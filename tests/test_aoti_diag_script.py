@@ -27,9 +27,12 @@ def load_script():
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("aoti-diag")
-    env = dict(os.environ, AOTI_DIAG_TEST_CRASH="same-process open (package)")
+    env = dict(os.environ, AOTI_DIAG_TEST_CRASH="same-process open (package)",
+               AOTI_DIAG_TEST_DEBUG_CRASH="open (package)")
+    gdb = ["--gdb"] if load_script().debugger() else []
     done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--builds", "default",
-                           "--loads", "package,so-runner", "--budget-s", "200", "--out", str(out)],
+                           "--loads", "package,so-runner", "--budget-s", "200", "--out", str(out)]
+                          + gdb,
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out, json.loads((out / "aoti_diag.json").read_text()), done.stdout
@@ -76,3 +79,15 @@ def test_recommend_prefers_what_worked():
     loads["no-pool/package"] = {"ok": True}  # the default options, built without a pool
     rec = diag.recommend(builds, loads)
     assert rec["fresh_process_loader"] == "package" and rec["build_options"] == {}
+
+
+def test_a_crash_under_the_debugger_keeps_its_native_frames(cpu_run):
+    _, report, stdout = cpu_run
+    if load_script().debugger() is None:
+        assert "debugger" not in report
+        pytest.skip("no cuda-gdb or gdb here")
+    debug = report["debugger"]
+    assert "SIGSEGV" in debug["signal"], debug
+    assert any(frame.startswith("#0") for frame in debug["frames"]), debug
+    assert any("kill" in frame or "raise" in frame for frame in debug["frames"]), debug
+    assert "under " in stdout and "SIGSEGV" in stdout
