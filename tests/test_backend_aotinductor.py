@@ -15,7 +15,9 @@ import vitopt.artifact as artifact_module
 from vitopt.artifact import input_spec, output_spec, write_artifact
 from vitopt.backends import BACKENDS, get_backend
 from vitopt.backends import aotinductor as aoti
-from vitopt.errors import ArtifactError, BackendUnavailableError, ConfigError, LoweringError
+from vitopt.backends import aoti_load_check
+from vitopt.errors import (ArtifactError, BackendUnavailableError, ConfigError, EngineLoadError,
+                           LoweringError)
 from vitopt.frontend.trace import trace
 from vitopt.runtime import load as load_artifact
 from vitopt.tolerances import compare
@@ -76,6 +78,40 @@ def test_cpu_package_matches_ir(ir, cpu_package):
         assert result.dtype == np.float32 and result.shape == (batch, 5)
         check = compare(result, expected, "fp32", "aotinductor")
         assert check.ok, check
+
+
+# --- the child-process load check (aoti_load_check): CUDA packages crashed on load in run 4 ---
+def test_load_check_runs_for_cuda_packages_only(monkeypatch):
+    monkeypatch.delenv(aoti_load_check.CHECK_ENV, raising=False)
+    assert aoti_load_check.wanted("cuda") and not aoti_load_check.wanted("cpu")
+    monkeypatch.setenv(aoti_load_check.CHECK_ENV, "always")
+    assert aoti_load_check.wanted("cpu")
+    monkeypatch.setenv(aoti_load_check.CHECK_ENV, "0")
+    assert not aoti_load_check.wanted("cuda")
+
+
+def test_load_check_opens_a_good_package_in_a_child(cpu_package, monkeypatch):
+    out, files = cpu_package
+    monkeypatch.setenv(aoti_load_check.CHECK_ENV, "always")
+    get_backend("aotinductor").check_opens(out, files, precision="fp32", device="cpu",
+                                           image_shape=(3, 20, 20))
+
+
+def test_load_check_turns_a_crash_or_a_hang_into_an_engine_load_error(cpu_package, monkeypatch):
+    out, files = cpu_package
+    backend = get_backend("aotinductor")
+    monkeypatch.setenv(aoti_load_check.CHECK_ENV, "always")
+    monkeypatch.setenv(aoti_load_check.CRASH_ENV, "1")
+    with pytest.raises(EngineLoadError, match="killed by SIGSEGV.*--backend tvm") as crash:
+        backend.check_opens(out, files, precision="fp32", device="cpu", image_shape=(3, 20, 20))
+    assert crash.value.backend == "aotinductor" and crash.value.exit_code == 3
+    monkeypatch.delenv(aoti_load_check.CRASH_ENV)
+    monkeypatch.setenv(aoti_load_check.LIMIT_ENV, "0.2")  # less than importing torch takes
+    with pytest.raises(EngineLoadError, match="did not finish in 0.2 s"):
+        backend.check_opens(out, files, precision="fp32", device="cpu", image_shape=(3, 20, 20))
+    monkeypatch.setenv(aoti_load_check.LIMIT_ENV, "soon")
+    with pytest.raises(ConfigError, match="VITOPT_AOTI_LOAD_CHECK_S.*'soon'"):
+        backend.check_opens(out, files, precision="fp32", device="cpu", image_shape=(3, 20, 20))
 
 
 def test_build_record(cpu_package):

@@ -148,7 +148,9 @@ def test_gpu_matrices_resolve(name):
     matrix = load_matrix(REPO / "benchmarks" / "matrix" / f"{name}.json")
     assert matrix.device == "cuda" and matrix.cell_timeout_s <= 300
     cells = {(g.model, c.backend, c.preset, c.precision) for g in matrix.groups for c in g.vitopt}
-    assert {b for _, b, _, _ in cells} == {"tvm", "aotinductor"}
+    # gpu-quick leaves AOTInductor out: no CUDA package opened on the lent H100's image (run 4)
+    assert {b for _, b, _, _ in cells} == ({"tvm"} if name == "gpu-quick" else
+                                           {"tvm", "aotinductor"})
     assert {p for _, _, p, _ in cells} >= {"balanced"} and {p for *_, p in cells} == {"fp16"}
     assert all("torch-compile-max-autotune" in g.peers and "torch-eager-fp16" in g.peers
                for g in matrix.groups)

@@ -40,6 +40,32 @@ def test_aotinductor_on_cpu_matches_the_ir(traced_family, tmp_path):
     assert compare(runtime(images.numpy()), expected, "fp32", "aotinductor").ok
 
 
+def test_an_engine_that_does_not_open_falls_back_to_the_next_backend(traced_family, tmp_path,
+                                                                    monkeypatch):
+    """On the H100 image of run 4 no AOTInductor CUDA package opened (torch's own neither): a
+    backend whose engine does not open is left out and the target's next one builds, unless
+    the backend was asked for by name."""
+    from vitopt.backends import get_backend
+    from vitopt.errors import EngineLoadError
+
+    def does_not_open(self, *args, **kwargs):
+        raise EngineLoadError("openvino", "opening it in a fresh process was killed by SIGSEGV")
+
+    monkeypatch.setattr(type(get_backend("openvino")), "check_opens", does_not_open,
+                        raising=False)
+    model, _, ir = traced_family("user_vit")
+    said = []
+    report = compile_model(model, tmp_path / "m.vitopt", target="cpu", precision="fp32",
+                           max_batch=2, measure=False, image_size=20, log=said.append)
+    assert report.manifest["backend"]["name"] == "onnxruntime"
+    text = "\n".join(said)
+    assert "openvino: opening it in a fresh process was killed by SIGSEGV; building with" in text
+    assert "skipped openvino: its engine did not open on this machine" in text
+    with pytest.raises(EngineLoadError, match="SIGSEGV"):
+        compile_model(model, tmp_path / "n.vitopt", target="cpu", backend="openvino",
+                      precision="fp32", max_batch=2, measure=False, image_size=20)
+
+
 def test_builtin_proxy_keeps_its_accuracy(tmp_path):
     out = tmp_path / "digits.vitopt"
     report = compile_model("builtin:digits-vit", out, backend="openvino", precision="fp32",

@@ -11,14 +11,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from vitopt import __version__
-from vitopt.errors import ConfigError
+from vitopt.errors import ConfigError, EngineLoadError
 from vitopt.frontend.trace import single_output, trace
 from vitopt.exits import compile as exit_steps
 from vitopt.ir.encoder import EncoderIR, EncoderMeta
@@ -159,6 +159,20 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
     elif overrides:
         options = dataclasses.replace(options, **overrides)
     log = log or (lambda message: None)
+    unusable: Dict[str, str] = {}  # backend -> why its engine could not be opened here
+    while True:
+        try:
+            return _compile_once(model, output, options, log, unusable)
+        except EngineLoadError as exc:
+            if options.backend is not None or exc.backend in unusable:
+                raise  # asked for by name: say why; never retry the same one
+            unusable[exc.backend] = str(exc)
+            log(f"{exc.backend}: {exc}; building with the target's next backend")
+
+
+def _compile_once(model, output: Union[str, Path], options: CompileOptions, log: Log,
+                  unusable: Dict[str, str]) -> CompileReport:
+    """compile_model with the backends in `unusable` left out of the target's choice."""
     started = time.perf_counter()
 
     specs = resolve_pipeline(options.preset, options.passes)   # validate config before work
@@ -166,7 +180,8 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
     specs = exit_steps.plan_exits(specs, options.train, options.exit_rule)
     target = get_target(options.target)
     require_device(target, options.backend)
-    backend_name = choose_backend(target, options.backend, log=log, precision=requested)
+    backend_name = choose_backend(target, options.backend, log=log, precision=requested,
+                                  unusable=unusable)
     precision = choose_precision(backend_name, requested, target.device, target=target)
     tvm_options = tvm_build_options(backend_name, options, target, log)
     log(f"target {target.name}: backend {backend_name}, precision {precision}")
@@ -210,6 +225,9 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
             engine = None
             log(f"{cross}: no engine check, accuracy or latency")
         elif not exits:
+            if hasattr(backend, "check_opens"):  # AOTInductor CUDA: in a child process first
+                backend.check_opens(build_dir, files, precision=precision, device=target.device,
+                                    image_shape=tuple(example.shape[1:]))
             engine = backend.load(build_dir, files, precision=precision, threads=options.threads)
         log(f"built the {backend_name} engine in {time.perf_counter() - step:.1f}s")
         int8 = None

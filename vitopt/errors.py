@@ -47,3 +47,12 @@ class BackendUnavailableError(VitoptError):
     """An engine or the hardware it needs is not available on this machine."""
 
     exit_code = 3
+
+
+class EngineLoadError(BackendUnavailableError):
+    """A backend built its engine, but the engine cannot be opened on this machine (compile_model
+    then tries the target's next backend, unless the backend was asked for by name)."""
+
+    def __init__(self, backend: str, message: str):
+        super().__init__(message)
+        self.backend = backend

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 from vitopt.errors import BackendUnavailableError, ConfigError
 
@@ -212,15 +212,17 @@ def backend_order(target: Target, precision: Optional[str] = None) -> Tuple[Tupl
 
 def choose_backend(target: Target, backend: Optional[str],
                    log: Optional[Callable[[str], None]] = None,
-                   precision: Optional[str] = None) -> str:
+                   precision: Optional[str] = None,
+                   unusable: Optional[Mapping[str, str]] = None) -> str:
     """The backend to build with: the one asked for, else the first available for the target
-    (in backend_order for `precision`). `log` (when given) hears which one was taken and why
+    (in backend_order for `precision`), leaving out `unusable` ({name: why}: backends whose
+    engine this machine could not open). `log` (when given) hears which one was taken and why
     the ones before it were skipped."""
     from vitopt.backends import get_backend
     if backend is not None:
         get_backend(backend).require()
         return backend
-    name, skipped = backend_decision(target, precision)
+    name, skipped = backend_decision(target, precision, unusable)
     if name is None:
         raise BackendUnavailableError(f"no backend for target {target.name!r} works here: "
                                       + "; ".join(skipped))
@@ -232,13 +234,17 @@ def choose_backend(target: Target, backend: Optional[str],
     return name
 
 
-def backend_decision(target: Target, precision: Optional[str] = None
+def backend_decision(target: Target, precision: Optional[str] = None,
+                     unusable: Optional[Mapping[str, str]] = None
                      ) -> Tuple[Optional[str], List[str]]:
-    """(the first available backend of `target` for `precision` (backend_order) or None, why
-    each one before it was skipped)."""
+    """(the first available backend of `target` for `precision` (backend_order) and not in
+    `unusable`, or None; why each one before it was skipped)."""
     from vitopt.backends import BACKENDS, get_backend
     reasons = []
     for name in backend_order(target, precision)[0]:
+        if name in (unusable or {}):
+            reasons.append(f"{name}: its engine did not open on this machine")
+            continue
         if name not in BACKENDS:
             reasons.append(f"{name}: not part of this vitopt build yet")
             continue

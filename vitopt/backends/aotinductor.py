@@ -243,6 +243,15 @@ class AOTInductorBackend(Backend):
             raise ConfigError(f"{self.name} on CPU builds {', '.join(CPU_PRECISIONS)} only, not "
                               f"{precision!r}; use --precision fp32, or device 'cuda' on a GPU")
 
+    def check_opens(self, out_dir: Path, files: Sequence[str], *, precision: str, device: str,
+                    image_shape: Sequence[int]) -> None:
+        """EngineLoadError when a fresh process cannot open the package and run a batch (CUDA
+        packages: see aoti_load_check, which says why); compile_model calls it before load."""
+        from vitopt.backends import aoti_load_check
+
+        if aoti_load_check.wanted(device):
+            aoti_load_check.check_opens_in_child(Path(out_dir), files, precision, image_shape)
+
     # --- load ------------------------------------------------------------------------------
     def load(self, out_dir: Path, files: Sequence[str], *, precision: str,
              threads: Optional[int] = None, loader: Optional[str] = None) -> AOTInductorEngine:
