@@ -11,7 +11,8 @@ package and runs one batch in a child process first; a crash, hang or error ther
 backend was not asked for by name) or reports why.
 
 Run for CUDA packages only (a CPU package has loaded wherever we built one); the child costs a
-torch import and a CUDA context, a few seconds. Environment:
+torch import and a CUDA context, a few seconds. Early-exit segments (several packages with token
+inputs) are not checked this way yet: they are opened in the compiling process. Environment:
   VITOPT_AOTI_LOAD_CHECK   "0": skip the check; "always": also for CPU packages (tests)
   VITOPT_AOTI_LOAD_CHECK_S the child's time limit in seconds (default 90)
 
