@@ -40,6 +40,8 @@
 #   cells are recorded as skipped with that reason and the diagnostic does not run; "run" brings
 #   back the diagnostic (in the background) and lets its result decide.
 # Optional: GPU_CHECK_SKIP_DIAG=1, GPU_CHECK_DIAG_ARGS, PYTHON (default python3).
+# GPU_CHECK_NO_TVM=1: no wheels and no TVM import check (the first of the two calls of GPU.md,
+#   which carries only the first part of TVM's wheel: run a matrix without TVM cells then).
 # GPU_CHECK_ONLY=diag: only environment, link and the AOTInductor diagnostic, in the foreground
 # (no wheels needed: the first of the two calls of GPU.md, while it carries the first TVM part).
 # Its aoti_diag.json is also kept in /tmp/vitopt-aoti-diag.json; a later full run on the same
@@ -157,7 +159,7 @@ link_vitopt() {
 check_import() {
     "$PY" -c 'import vitopt, vitopt.passes, vitopt.kernels, vitopt.backends.aotinductor as a; print("vitopt from", vitopt.__file__, "| aotinductor available:", a.AOTInductorBackend().available())' || return 1
     "$PY" -c 'from vitopt.backends import get_backend; b = get_backend("tvm"); print("tvm available:", b.available(), "| version", b.version() if b.available()[0] else "-")' || return 1
-    [ "$ONLY" = diag ] && return 0  # TVM's wheel has not all travelled yet
+    [ "$ONLY" = diag ] || [ "$NO_TVM" = 1 ] && return 0  # TVM's wheel has not all travelled yet
     "$PY" -c 'import tvm; print("tvm", tvm.__version__, "| cuda device:", tvm.cuda(0).exist, "| compiler loaded:", not tvm.base._RUNTIME_ONLY)'
 }
 
@@ -221,12 +223,14 @@ EOF
 WORK=$(mktemp -d /tmp/gpu-check-XXXX)
 cd "$WORK" || exit 1
 ONLY=${GPU_CHECK_ONLY:-}
-export REPO PY OUT START BUDGET WRAP_S TEST_FILE_S ONLY PYTHONPATH=${PYTHONPATH:-}
+NO_TVM=${GPU_CHECK_NO_TVM:-0}
+[ "$ONLY" = diag ] && NO_TVM=1
+export REPO PY OUT START BUDGET WRAP_S TEST_FILE_S ONLY NO_TVM PYTHONPATH=${PYTHONPATH:-}
 export -f left min show_environment join_wheel_parts install_wheels setup_tvm_cuda check_import run_gpu_tests
 echo "gpu_check: repo $REPO, out $OUT, budget ${BUDGET}s"
 DIAG_KEPT=${GPU_CHECK_DIAG_KEPT:-/tmp/vitopt-aoti-diag.json}
 step environment 30 bash -c show_environment
-if [ -d "$REPO/.whl" ] && [ "$ONLY" != diag ]; then
+if [ -d "$REPO/.whl" ] && [ "$NO_TVM" != 1 ]; then
     step wheels "$(min 180 "$(left)")" bash -c install_wheels &&
         export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi

@@ -158,6 +158,23 @@ def test_gpu_matrices_resolve(name):
                              build_models=False, log=lambda m: None) > 0
 
 
+def test_two_call_gpu_matrices_split_the_peers_from_the_tvm_cells():
+    """GPU.md's two calls: the torch peers while TVM's first wheel part travels, then TVM with
+    eager again as the anchor between the two runs."""
+    from vitopt.suite import load_matrix
+    from vitopt.suite.main import check_matrix_file
+    peers = load_matrix(REPO / "benchmarks" / "matrix" / "gpu-peers.json")
+    tvm = load_matrix(REPO / "benchmarks" / "matrix" / "gpu-tvm.json")
+    assert [g.peers for g in peers.groups] == [("torch-eager-fp16", "torch-compile-max-autotune")]
+    assert all(not g.vitopt for g in peers.groups)
+    assert [g.peers for g in tvm.groups] == [("torch-eager-fp16",)]
+    assert {(c.backend, c.preset) for g in tvm.groups for c in g.vitopt} == {
+        ("tvm", "none"), ("tvm", "balanced")}
+    for name in ("gpu-peers", "gpu-tvm"):
+        assert check_matrix_file(str(REPO / "benchmarks" / "matrix" / f"{name}.json"),
+                                 build_models=False, log=lambda m: None) > 0
+
+
 def test_gpu_matrix_covers_issue_7():
     from vitopt.suite import load_matrix
     matrix = load_matrix(REPO / "benchmarks" / "matrix" / "gpu.json")
