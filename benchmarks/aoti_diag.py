@@ -317,8 +317,7 @@ def debugger_report(proc: Proc) -> dict:
     """The debugger's tool, the signal the load stopped on and the native frames after it."""
     text = proc.log.read_text(encoding="utf-8", errors="replace") if proc.log.is_file() else ""
     lines = text.splitlines()
-    report = {"process": proc.outcome(), "tool": next(
-        (line for line in lines[:1] if "no cuda-gdb" in line), None) or debugger()}
+    report = {"process": proc.outcome(), "tool": debugger() or "none: no cuda-gdb or gdb here"}
     stops = [i for i, line in enumerate(lines) if "received signal" in line]
     if stops:
         report["signal"] = lines[stops[0]].strip()

@@ -43,7 +43,7 @@
 # GPU_CHECK_NO_TVM=1: no wheels and no TVM import check (the first of the two calls of GPU.md,
 #   which carries only the first part of TVM's wheel: run a matrix without TVM cells then).
 # GPU_CHECK_ONLY=diag: only environment, link and the AOTInductor diagnostic, in the foreground
-# (no wheels needed: the first of the two calls of GPU.md, while it carries the first TVM part).
+# (no wheels needed: run 4's first call, while it carried the first TVM part).
 # Its aoti_diag.json is also kept in /tmp/vitopt-aoti-diag.json; a later full run on the same
 # warm machine reuses that instead of running the diagnostic again.
 set -u
@@ -159,14 +159,15 @@ link_vitopt() {
 check_import() {
     "$PY" -c 'import vitopt, vitopt.passes, vitopt.kernels, vitopt.backends.aotinductor as a; print("vitopt from", vitopt.__file__, "| aotinductor available:", a.AOTInductorBackend().available())' || return 1
     "$PY" -c 'from vitopt.backends import get_backend; b = get_backend("tvm"); print("tvm available:", b.available(), "| version", b.version() if b.available()[0] else "-")' || return 1
-    [ "$ONLY" = diag ] || [ "$NO_TVM" = 1 ] && return 0  # TVM's wheel has not all travelled yet
+    [ "$NO_TVM" = 1 ] && return 0  # TVM's wheel has not all travelled yet (also ONLY=diag)
     "$PY" -c 'import tvm; print("tvm", tvm.__version__, "| cuda device:", tvm.cuda(0).exist, "| compiler loaded:", not tvm.base._RUNTIME_ONLY)'
 }
 
 # Each gpu-marked test file in its own pytest process and time limit; output to gpu_tests.txt.
-# TVM's first (the GPU path run 3 never got to check), the AOTInductor ones last; when the
-# diagnostic found no loader that opens a CUDA package (AOTI_BROKEN), the tests that build one
-# are not run (run 3: each spent its whole limit building a package that then segfaulted).
+# TVM's first (the GPU path run 3 never got to check), the AOTInductor ones last; when
+# AOTInductor is skipped (GPU_CHECK_AOTI) or the diagnostic found no loader that opens a CUDA
+# package (AOTI_BROKEN either way), the tests that build one are not run (run 3: each spent its
+# whole limit building a package that then segfaulted).
 run_gpu_tests() {
     set -o pipefail  # `bash -c` does not inherit it: pytest's status, not tee's
     local file limit rc status=0

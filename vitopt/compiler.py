@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -159,19 +159,19 @@ def compile_model(model, output: Union[str, Path], options: Optional[CompileOpti
     elif overrides:
         options = dataclasses.replace(options, **overrides)
     log = log or (lambda message: None)
-    unusable: Dict[str, str] = {}  # backend -> why its engine could not be opened here
+    unusable: Set[str] = set()  # backends whose engine could not be opened here
     while True:
         try:
             return _compile_once(model, output, options, log, unusable)
         except EngineLoadError as exc:
             if options.backend is not None or exc.backend in unusable:
                 raise  # asked for by name: say why; never retry the same one
-            unusable[exc.backend] = str(exc)
+            unusable.add(exc.backend)
             log(f"{exc.backend}: {exc}; building with the target's next backend")
 
 
 def _compile_once(model, output: Union[str, Path], options: CompileOptions, log: Log,
-                  unusable: Dict[str, str]) -> CompileReport:
+                  unusable: Set[str]) -> CompileReport:
     """compile_model with the backends in `unusable` left out of the target's choice."""
     started = time.perf_counter()
 
@@ -225,9 +225,8 @@ def _compile_once(model, output: Union[str, Path], options: CompileOptions, log:
             engine = None
             log(f"{cross}: no engine check, accuracy or latency")
         elif not exits:
-            if hasattr(backend, "check_opens"):  # AOTInductor CUDA: in a child process first
-                backend.check_opens(build_dir, files, precision=precision, device=target.device,
-                                    image_shape=tuple(example.shape[1:]))
+            backend.check_opens(build_dir, files, precision=precision, device=target.device,
+                                image_shape=tuple(example.shape[1:]))
             engine = backend.load(build_dir, files, precision=precision, threads=options.threads)
         log(f"built the {backend_name} engine in {time.perf_counter() - step:.1f}s")
         int8 = None

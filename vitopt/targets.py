@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Collection, Dict, List, Optional, Tuple
 
 from vitopt.errors import BackendUnavailableError, ConfigError
 
@@ -213,10 +213,10 @@ def backend_order(target: Target, precision: Optional[str] = None) -> Tuple[Tupl
 def choose_backend(target: Target, backend: Optional[str],
                    log: Optional[Callable[[str], None]] = None,
                    precision: Optional[str] = None,
-                   unusable: Optional[Mapping[str, str]] = None) -> str:
+                   unusable: Collection[str] = ()) -> str:
     """The backend to build with: the one asked for, else the first available for the target
-    (in backend_order for `precision`), leaving out `unusable` ({name: why}: backends whose
-    engine this machine could not open). `log` (when given) hears which one was taken and why
+    (in backend_order for `precision`), leaving out `unusable` (backends whose engine this
+    machine could not open). `log` (when given) hears which one was taken and why
     the ones before it were skipped."""
     from vitopt.backends import get_backend
     if backend is not None:
@@ -235,14 +235,14 @@ def choose_backend(target: Target, backend: Optional[str],
 
 
 def backend_decision(target: Target, precision: Optional[str] = None,
-                     unusable: Optional[Mapping[str, str]] = None
+                     unusable: Collection[str] = ()
                      ) -> Tuple[Optional[str], List[str]]:
     """(the first available backend of `target` for `precision` (backend_order) and not in
     `unusable`, or None; why each one before it was skipped)."""
     from vitopt.backends import BACKENDS, get_backend
     reasons = []
     for name in backend_order(target, precision)[0]:
-        if name in (unusable or {}):
+        if name in unusable:
             reasons.append(f"{name}: its engine did not open on this machine")
             continue
         if name not in BACKENDS:

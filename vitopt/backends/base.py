@@ -57,6 +57,12 @@ class Backend(ABC):
              threads: Optional[int] = None) -> Engine:
         """Load the engine built into `out_dir` (`files` as build returned them)."""
 
+    def check_opens(self, out_dir: Path, files: Sequence[str], *, precision: str, device: str,
+                    image_shape: Sequence[int]) -> None:
+        """Raise EngineLoadError when the built engine cannot be opened on this machine without
+        risking this process (compile_model calls it before load, then tries the target's next
+        backend). Nothing to check by default; AOTInductor opens CUDA packages in a child."""
+
     def supports(self, precision: str) -> Tuple[bool, str]:
         """Whether this machine can run `precision` on this backend, and why not."""
         if precision not in self.precisions:
