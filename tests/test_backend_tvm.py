@@ -136,7 +136,7 @@ def test_token_merging_lowers_through_tvm(ir, tmp_path):
         assert compare(engine.run(x.numpy()), merged(x).numpy(), "fp32", "tvm").ok
 
 
-@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("arch", ["sm_90"])  # sm_80: test_tvm_stage_import's cross-compile
 def test_cuda_cross_compile_without_gpu(ir, tmp_path, arch):
     if HAS_GPU:
         pytest.skip("this machine has a GPU; cross-compilation is the path for machines without")

@@ -9,8 +9,13 @@ Like AOTInductor it builds from the torch module (`input_format = "torch"`):
 build_module, step by step:
   1. export: the module (fp32) is torch.export-ed, with the batch shape of the plan below;
   2. import: `tvm.relax.frontend.torch.from_exported_program` with vitopt's converters for its
-     own torch ops (`vitopt.lower.tvm_ops.custom_convert_map()`); weights become constants;
-  3. precision: fp16 (CUDA only) is `relax.transform.ToMixedPrecision(out_dtype="float32")`
+     own torch ops (`vitopt.lower.tvm_ops.custom_convert_map()`); weights become constants.
+     Steps 1-3 go stage by stage instead (`lowering`, choose_lowering) for an untuned
+     EncoderIR with token reduction: stages of one kind share one Relax function with a
+     symbolic token count, so TVM lowers them once, not once per token count
+     (tvm_stage_import.py);
+  3. rewrites, with a symbolic batch (tvm_rewrites.py: a linear's weight that torch's
+     decomposition broadcast over the batch is used unbroadcast); precision: fp16 (CUDA) is `relax.transform.ToMixedPrecision(out_dtype="float32")`
      (matmul/conv inputs fp16, fp32 accumulation, softmax kept fp32), then LayerNorm and softmax
      that came out fp16 are computed in fp32 and cast back (`reductions_in_fp32`). The function
      still takes and returns float32;
@@ -42,6 +47,7 @@ load(threads=N) reconfigures the pool for the engine's calls.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -57,6 +63,8 @@ from vitopt.backends.base import Backend, Engine
 from vitopt.backends.tvm_cpu_schedules import cpu_default_schedules, fast_math_pass
 from vitopt.backends.tvm_schedules import ScheduleReport, robust_dlight_pass
 from vitopt.backends.tvm_speedups import fast_inspect_stack
+from vitopt.backends.tvm_rewrites import unbroadcast_matmul_weights
+from vitopt.backends.tvm_stage_import import import_stages
 from vitopt.errors import ArtifactError, BackendUnavailableError, ConfigError, LoweringError
 
 LIBRARY = "model.so"
@@ -159,12 +167,14 @@ class TVMBackend(Backend):
     def build_module(self, module, example, out_dir: Path, *, precision: str, max_batch: int,
                      device: str = "cpu", threads: Optional[int] = None, tune_trials: int = 0,
                      tuning_db: Optional[str] = None, cuda_arch: Optional[str] = None,
-                     log: Optional[Log] = None) -> List[str]:
+                     lowering: str = "auto", log: Optional[Log] = None) -> List[str]:
         """Compile `module` (images [B,C,H,W] -> tensor) into out_dir; return the file names.
 
         cuda_arch: "sm_XX" for device="cuda" (default: the visible GPU's); with it no GPU is
         needed here. tune_trials: MetaSchedule trials in all (0: default schedules only).
         tuning_db: the database folder (default: tvm_tuning.cache_root()).
+        lowering: "whole" (one export of the module), "stages" (an EncoderIR stage by stage,
+        stages of one kind sharing a function: tvm_stage_import.py) or "auto" (choose_lowering).
         """
         log = log or (lambda message: None)
         self._check_request(precision, device, tune_trials)
@@ -178,10 +188,17 @@ class TVMBackend(Backend):
         out_dir.mkdir(parents=True, exist_ok=True)
         # TVMScript parsing inside dlight/MetaSchedule is 40-100x slower with torch loaded
         # unless inspect.stack is the fast equivalent (tvm_speedups has the measurement).
+        lowering, why = choose_lowering(module, lowering, tune_trials)
+        log(f"TVM lowering: {lowering} ({why})")
+        stages = None
         with fast_inspect_stack():
-            mod = import_module(module, example, plan, max_batch)
-            if precision == "fp16":
-                mod = to_fp16(mod)
+            rewrite = functools.partial(after_import, precision=precision,
+                                        dynamic_batch=plan["batch"] is None)
+            if lowering == "stages":
+                mod, stages = import_stages(module, example, plan, max_batch, log=log,
+                                            transform=rewrite)
+            else:
+                mod = rewrite(import_module(module, example, plan, max_batch))
             mod = prepare(mod, target)
             tuning = None
             if tune_trials > 0:
@@ -191,6 +208,7 @@ class TVMBackend(Backend):
                                         tuning and tuning["database"])
         record = build_record(target, device, precision, max_batch, plan, tuning,
                               list(example.shape[1:]), time.perf_counter() - started)
+        record["lowering"] = {"mode": lowering, "why": why, **(stages or {})}
         if device == "cuda":
             record["schedule_fallbacks"] = schedules.fallbacks
             for name, why in schedules.fallbacks.items():
@@ -253,6 +271,41 @@ class TVMBackend(Backend):
 
 
 # --- the build steps ------------------------------------------------------------------------
+LOWERINGS = ("auto", "whole", "stages")
+
+
+def choose_lowering(module, requested: str, tune_trials: int) -> Tuple[str, str]:
+    """("whole" | "stages", why). auto: stage by stage for an untuned EncoderIR whose blocks
+    run at more than one token count (token reduction: the whole-model import lowers one set
+    of TIR functions per count), else the whole module at once."""
+    from vitopt.ir.encoder import EncoderIR
+    from vitopt.ir.stages import Attention
+
+    if requested not in LOWERINGS:
+        raise ConfigError(f"unknown TVM lowering {requested!r}; use one of {', '.join(LOWERINGS)}")
+    if requested == "whole":
+        return "whole", "asked for"
+    refusal = None
+    if not isinstance(module, EncoderIR):
+        refusal = f"the module is a {type(module).__name__}, not an EncoderIR"
+    elif tune_trials > 0:
+        refusal = ("MetaSchedule tunes only static shapes, and shared stage functions have a "
+                   "symbolic token count")
+    if requested == "stages":
+        if refusal:
+            raise ConfigError(f"the TVM stage lowering does not apply: {refusal}; use "
+                              f"lowering='whole' or 'auto'")
+        return "stages", "asked for"
+    if refusal:
+        return "whole", refusal
+    counts = {n for stage, n in zip(module.stages, module.token_counts())
+              if isinstance(stage, Attention)}
+    if len(counts) <= 1:
+        return "whole", "every block runs at one token count"
+    return "stages", (f"blocks run at {len(counts)} token counts; stages of one kind share a "
+                      f"function with a symbolic token count")
+
+
 def import_module(module, example, plan: Dict[str, object], max_batch: int):
     """torch.export (batch per `plan`) -> Relax IRModule, with vitopt's op converters."""
     import copy
@@ -284,6 +337,14 @@ def import_module(module, example, plan: Dict[str, object], max_batch: int):
         raise LoweringError(f"TVM's exported-program importer could not convert the module: "
                             f"{_first_line(exc)}; an op vitopt adds needs a converter in "
                             f"vitopt/lower/tvm_ops.py") from exc
+
+
+def after_import(mod, precision: str, dynamic_batch: bool):
+    """With a symbolic batch, the rewrites of tvm_rewrites.py (with a static batch the weight
+    broadcasts they remove fold at build time); then fp16 when asked for."""
+    if dynamic_batch:
+        mod = unbroadcast_matmul_weights(mod)
+    return to_fp16(mod) if precision == "fp16" else mod
 
 
 def to_fp16(mod):

@@ -173,8 +173,12 @@ class MergeTokens(Stage):
 
     def forward(self, state: TokenState) -> TokenState:
         x, size = state.x, state.size
-        batch, n, p, r = x.shape[0], self.expected_tokens, self.num_prefix_tokens, self.r
-        na, nb = (n - p + 1) // 2, (n - p) // 2
+        # n from the shape (equal to expected_tokens, which EncoderIR.check() enforces), so one
+        # merge exported with a symbolic count (per parity of the count: TVM's stage import,
+        # vitopt/backends/tvm_stage_import.py) serves every block with the same r.
+        batch, n, p, r = x.shape[0], x.shape[1], self.num_prefix_tokens, self.r
+        nb = (n - p) // 2
+        na = n - p - nb  # not (n - p + 1) // 2: export could not prove the sum is n - p
         keys = state.keys / state.keys.norm(dim=-1, keepdim=True)
         # A = tokens p, p+2, ...; B = p+1, p+3, ...: the same gathers, by a constant index.
         a_keys = keys.index_select(1, torch.arange(p, n, 2, device=x.device))
