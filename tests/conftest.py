@@ -14,6 +14,8 @@ import model_zoo  # noqa: E402
 # `make test` runs two pytest-xdist workers on this 2-core machine: one torch thread each, so
 # they do not oversubscribe the cores (a single process keeps two).
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # TVM's pool too (vitopt defaults it to every core)
+    os.environ.setdefault("TVM_NUM_THREADS", "1")
 
 
 def pytest_configure(config):

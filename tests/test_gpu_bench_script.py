@@ -1,9 +1,9 @@
 """benchmarks/gpu_bench.py on CPU: the plan's order, ratios and target; a --quick run through
-children (eager, vitopt-jit, vitopt-aoti built and loaded in two processes); timeouts and skips.
+children (eager, vitopt-jit); timeouts and skips (vitopt-aoti's cell among them).
 
 The GPU run itself happens on the GPU machine (benchmarks/gpu_check.sh); this checks the same code
 paths on a tiny ViT so the script cannot arrive there broken. About a minute on two cores (the
-children each import torch and timm; the AOTInductor build compiles C++).
+children each import torch and timm).
 """
 import importlib.util
 import json
@@ -107,7 +107,10 @@ def test_ratios_and_target(gpu_bench):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-bench")
-    done = bench(out, "--configs", "eager,vitopt-jit,vitopt-aoti", "--presets", "lossless,nosuch",
+    # vitopt-aoti's cell is left out (an AOTInductor C++ build, about 35 s of the suite's
+    # 15 minutes): the AOTInductor backend's own tests build and load CPU packages, and
+    # gpu_check.sh skips AOTInductor on the GPU image (GPU.md, run 4).
+    done = bench(out, "--configs", "eager,vitopt-jit", "--presets", "lossless,nosuch",
                  "--lead-preset", "lossless", "--batches", "3,1", "--autotune-batches", "3,1",
                  "--jit-profile", "max-autotune")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -119,9 +122,7 @@ def test_every_cell_has_a_complete_record(quick_run):
     records = report["records"]
     cells = {(r["config"], r["preset"], r["batch"]) for r in records}
     assert cells == {(c, p, b) for c, p in (("eager", None), ("vitopt-jit", "lossless"),
-                                            ("vitopt-jit", "nosuch"),
-                                            ("vitopt-aoti", "lossless"),
-                                            ("vitopt-aoti", "nosuch")) for b in (3, 1)}
+                                            ("vitopt-jit", "nosuch")) for b in (3, 1)}
     for r in records:
         assert FIELDS <= set(r), FIELDS - set(r)
         assert r["model"] == "tiny_vit" and r["precision"] == "fp32"
@@ -139,9 +140,6 @@ def test_every_cell_has_a_complete_record(quick_run):
     assert jit3["profile"] == "max-autotune" and jit3["compile_s"] > 0 and jit3["bounds_applied"]
     assert jit3["passes"] == ["trim_last_block"] and jit3["lift_s"] > 0 and jit3["same_precision_cos"] > 0.9999
     assert jit1["callable_reused"] is True and jit3["callable_reused"] is False
-    aoti = by[("vitopt-aoti", 1)]
-    assert aoti["backend"] == "aotinductor" and aoti["tuning"] == "default"
-    assert aoti["e2e_median_ms"] > 0 and aoti["compile_s"] > 0 and aoti["loader"] == "package"
 
 
 def test_environment_and_markdown(quick_run):
@@ -152,8 +150,7 @@ def test_environment_and_markdown(quick_run):
     assert settings["jit_profile"] == "max-autotune" and settings["caps_s"]["eager"] > 0
     assert report["target"]["preset"] == "lossless" and report["target"]["ratio"] is None
     table = (out / "gpu_bench.md").read_text()
-    assert table.count("| tiny_vit |") == 10 and "| tiny_vit |" in stdout
-    assert "(build)" in (out / "gpu_bench.log").read_text()
+    assert table.count("| tiny_vit |") == 6 and "| tiny_vit |" in stdout
 
 
 # --- timeouts and an empty budget ---------------------------------------------------------

@@ -151,8 +151,8 @@ def test_a_stage_that_fixes_its_count_gets_one_function_per_count():
     states = [TokenState(torch.randn(1, n, 4)) for n in (17, 15, 13)]
     ir = SimpleNamespace(stages=stages)
     logs = []
-    made = list(stage_import._group_programs(ir, states + [states[-1]], [0, 1, 2], None,
-                                             logs.append))
+    made = list(stage_import._group_modules(ir, states + [states[-1]], [0, 1, 2], None,
+                                            logs.append))
     assert [(members, carrier, tokens) for members, _, carrier, tokens in made] == [
         ([0], False, 17), ([1], False, 15), ([2], False, 13)]
     assert any("3 branch stages keep one function per token count: neither a symbolic count"

@@ -111,8 +111,8 @@ def _describe(value, owner: nn.Module):
     if isinstance(value, (tuple, list)):
         return tuple(_describe(v, owner) for v in value)
     if isinstance(value, torch.Tensor):
-        data = value.detach().cpu().contiguous()
-        return ("tensor", tuple(data.shape), str(data.dtype),
+        data = value.detach().cpu().contiguous().reshape(-1)  # 1-d: a 0-d tensor has no view
+        return ("tensor", tuple(value.shape), str(data.dtype),
                 hashlib.sha1(data.view(torch.uint8).numpy().tobytes()).hexdigest())
     if isinstance(value, torch.dtype):
         return str(value)
@@ -233,30 +233,32 @@ def import_groups(ir, states: Sequence[TokenState], dynamic_batch: Optional[int]
     shared = []
     for members in group_stages(ir, states):
         kind = ir.stages[members[0]].kind
-        for same, program, carrier, tokens in _group_programs(ir, states, members, dynamic_batch,
-                                                              log):
-            module = _import(program, symbolic=tokens is not None and not isinstance(tokens, int))
+        for same, module, carrier, tokens in _group_modules(ir, states, members, dynamic_batch,
+                                                            log):
             imported.update({index: (module, carrier) for index in same})
             if len(same) > 1:
                 shared.append({"kind": kind, "stages": len(same), "tokens": tokens})
     return imported, shared
 
 
-def _group_programs(ir, states, members: List[int], dynamic_batch: Optional[int], log):
-    """(members, exported program, carrier, token description) for the functions of a group."""
-    def export(same, **tokens):
+def _group_modules(ir, states, members: List[int], dynamic_batch: Optional[int], log):
+    """(members, imported IRModule, carrier, token description) for the functions of a group:
+    a symbolic count, else one per parity, else static; a symbolic function that does not
+    export or import falls back to the next way."""
+    def build(same, **tokens):
         head = same[0]
-        return export_stage(ir.stages[head], states[head], states[head + 1],
-                            dynamic_batch=dynamic_batch, **tokens)
+        program = export_stage(ir.stages[head], states[head], states[head + 1],
+                               dynamic_batch=dynamic_batch, **tokens)
+        return _import(program, symbolic=bool(tokens))
 
     counts = sorted(set(token_counts(states, members)))
     kind = ir.stages[members[0]].kind
     if len(counts) > 1:
         try:
-            yield members, export(members, tokens=(counts[0], counts[-1])), False, \
+            yield members, build(members, tokens=(counts[0], counts[-1])), False, \
                 f"symbolic, {counts[0]}..{counts[-1]}"
             return
-        except Exception as exc:  # noqa: BLE001 - any export failure: try the next way
+        except Exception as exc:  # noqa: BLE001 - any export/import failure: try the next way
             first_failure = type(exc).__name__
         static = []
         for parity in (0, 1):
@@ -266,25 +268,26 @@ def _group_programs(ir, states, members: List[int], dynamic_batch: Optional[int]
                 static += same
                 continue
             try:
-                program = export(same, tokens=(seen[0], seen[-1]), parity=parity)
-            except Exception as exc:  # noqa: BLE001 - any export failure: static functions
+                module = build(same, tokens=(seen[0], seen[-1]), parity=parity)
+            except Exception as exc:  # noqa: BLE001 - any export/import failure: static
                 log(f"TVM stage import: {len(same)} {kind} stages keep one function per token "
                     f"count: neither a symbolic count ({first_failure}) nor one of parity "
-                    f"{parity} ({type(exc).__name__}) exported")
+                    f"{parity} ({type(exc).__name__}) exported and imported")
                 static += same
             else:
-                yield same, program, True, f"2 * half + {parity}, {seen[0]}..{seen[-1]}"
+                yield same, module, True, f"2 * half + {parity}, {seen[0]}..{seen[-1]}"
         members = sorted(static)
     by_count: Dict[Optional[int], List[int]] = {}
     for index in members:
         by_count.setdefault(_tokens_in(states[index]), []).append(index)
     for count, same in by_count.items():
         try:
-            program = export(same)
+            program = export_stage(ir.stages[same[0]], states[same[0]], states[same[0] + 1],
+                                   dynamic_batch=dynamic_batch)
         except Exception as exc:  # torch.export raises many types; report them as one
             raise LoweringError(f"torch.export could not export the {kind} stage for TVM: "
                                 f"{_last_line(exc)}") from exc
-        yield same, program, False, count
+        yield same, _import(program), False, count
 
 
 def _tokens_in(state: TokenState) -> Optional[int]:
@@ -396,10 +399,14 @@ def assemble(mod, ir, states: Sequence[TokenState], names: Sequence[str],
                   if isinstance(func, relax.Function)
                   and not gvar.name_hint.endswith("_transform_params")}
     shape = list(states[0].x.shape)
+    attrs = None
     if dynamic_batch:
         shape[0] = tirx.Var("batch", "int64")
+        # the range the whole-model import also gives its batch (static memory planning)
+        attrs = {"tir_var_lower_bound": {"batch": 1},
+                 "tir_var_upper_bound": {"batch": max(2, dynamic_batch)}}
     images = relax.Var("images", relax.TensorType(shape, "float32"))
-    with bb.function("main", [images]):
+    with bb.function("main", [images], attrs=attrs):
         with bb.dataflow():
             values = {"x": images}
             for index, name in enumerate(names):
