@@ -19,7 +19,7 @@
 #                   measure the same builds in the suite's format, so it is off by default
 #   aoti-diag       benchmarks/aoti_diag.py in the background (GPU_CHECK_DIAG_S, default 100 s)
 #   gpu-tests       each gpu-marked test file in its own pytest process (GPU_CHECK_TEST_FILE_S,
-#                   default 60 s; all of them GPU_CHECK_TESTS_S, default 90 s); GPU_CHECK_TESTS=skip
+#                   default 90 s; all of them GPU_CHECK_TESTS_S, default 150 s); GPU_CHECK_TESTS=skip
 #   suite           benchmarks/suite.py on GPU_CHECK_MATRIX (default gpu-quick; a name in
 #                   benchmarks/matrix/ or a path) with --budget-s = what is left less 8 s, each
 #                   cell in its own process (a crash or hang is a failed record); AOTInductor
@@ -60,8 +60,8 @@ TVM=${GPU_CHECK_TVM:-skip}
 SUITE=${GPU_CHECK_SUITE:-run}
 BENCH=${GPU_CHECK_BENCH:-skip}
 MATRIX=${GPU_CHECK_MATRIX:-gpu-quick}
-TESTS_S=${GPU_CHECK_TESTS_S:-90}
-TEST_FILE_S=${GPU_CHECK_TEST_FILE_S:-60}
+TESTS_S=${GPU_CHECK_TESTS_S:-150}
+TEST_FILE_S=${GPU_CHECK_TEST_FILE_S:-90}  # the stage-lowering GPU test builds for ~40 s
 WRAP_S=8
 START=$(date +%s)
 FAILED=()
