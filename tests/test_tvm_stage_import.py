@@ -3,8 +3,9 @@ function, the llvm library against the IR, CUDA cross-compilation, when it decli
 
 The model is a depth-3 tiny ViT with token merging (r=2 per block), so its blocks run at three
 token counts (17, 15, 13): the whole-model import would lower each block's functions once per
-count, the stage import once (merges: once per parity of the count). (That the stage and whole-model libraries agree follows from
-both matching the IR; test_backend_tvm covers the whole-model one.)
+count, the stage import once (merges: once per parity of the count). That the stage and
+whole-model libraries agree follows from both matching the IR; test_backend_tvm covers the
+whole-model one.
 """
 import json
 

@@ -15,10 +15,11 @@ build_module, step by step:
      symbolic token count, so TVM lowers them once, not once per token count
      (tvm_stage_import.py);
   3. rewrites, with a symbolic batch (tvm_rewrites.py: a linear's weight that torch's
-     decomposition broadcast over the batch is used unbroadcast); precision: fp16 (CUDA) is `relax.transform.ToMixedPrecision(out_dtype="float32")`
-     (matmul/conv inputs fp16, fp32 accumulation, softmax kept fp32), then LayerNorm and softmax
-     that came out fp16 are computed in fp32 and cast back (`reductions_in_fp32`). The function
-     still takes and returns float32;
+     decomposition broadcast over the batch is used unbroadcast); precision: fp16 (CUDA) is
+     `relax.transform.ToMixedPrecision(out_dtype="float32")` (matmul/conv inputs fp16, fp32
+     accumulation, softmax kept fp32), then LayerNorm and softmax that came out fp16 are
+     computed in fp32 and cast back (`reductions_in_fp32`). The function still takes and
+     returns float32;
   4. prepare: the target's library dispatch, LegalizeOps, FoldConstant, FuseOps, FuseTIR;
   5. tune (tune_trials > 0): MetaSchedule on the fused TIR functions, with the persistent
      database of tvm_tuning.py (a second compile reuses it and tunes nothing new);

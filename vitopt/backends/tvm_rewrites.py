@@ -6,8 +6,9 @@ expand + bmm, which the importer gives as `matmul(x, broadcast_to(W, [B, K, N]))
 symbolic batch that broadcast cannot be folded at build time, so every call would copy the
 weight once per image and, in fp16, cast the copies: for DeiT-S at batch 64, 12 x [64, 384,
 384] copies (at least 0.45 GB of memory traffic per call, written and read back even if TVM
-fuses the broadcast and the cast) and a batched GEMM in place of a plain one. Relax's matmul broadcasts a 2-d right-hand side by itself, so the rewrite drops the
-broadcast: `matmul(x, W)`. The result is the same values.
+fuses the broadcast and the cast) and a batched GEMM in place of a plain one. Relax's matmul
+broadcasts a 2-d right-hand side by itself, so the rewrite drops the broadcast:
+`matmul(x, W)`. The result is the same values.
 """
 from __future__ import annotations
 

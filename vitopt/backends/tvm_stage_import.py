@@ -66,7 +66,8 @@ class StageCall(nn.Module):
                  names: Sequence[str], carrier: bool = False):
         super().__init__()
         self.stage = stage
-        self.fields_in, self.fields_out, self.names = tuple(fields_in), tuple(fields_out), tuple(names)
+        self.fields_in, self.fields_out = tuple(fields_in), tuple(fields_out)
+        self.names = tuple(names)
         self.carrier = bool(carrier)
 
     def forward(self, *tensors):
@@ -144,7 +145,7 @@ def group_stages(ir, states: Sequence[TokenState]) -> List[List[int]]:
 
 def token_counts(states: Sequence[TokenState], members: Sequence[int]) -> List[int]:
     """Token counts entering the members (states with a token axis: x is [B, N, D])."""
-    return [int(states[i].x.shape[1]) for i in members if states[i].x.dim() == 3]
+    return [n for n in (_tokens_in(states[i]) for i in members) if n is not None]
 
 
 # --- step 3: export ------------------------------------------------------------------------
@@ -282,12 +283,13 @@ def _group_modules(ir, states, members: List[int], dynamic_batch: Optional[int],
         by_count.setdefault(_tokens_in(states[index]), []).append(index)
     for count, same in by_count.items():
         try:
-            program = export_stage(ir.stages[same[0]], states[same[0]], states[same[0] + 1],
-                                   dynamic_batch=dynamic_batch)
+            module = build(same)
+        except LoweringError:  # the importer's, already worded
+            raise
         except Exception as exc:  # torch.export raises many types; report them as one
             raise LoweringError(f"torch.export could not export the {kind} stage for TVM: "
                                 f"{_last_line(exc)}") from exc
-        yield same, _import(program), False, count
+        yield same, module, False, count
 
 
 def _tokens_in(state: TokenState) -> Optional[int]:
